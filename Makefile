@@ -1,0 +1,49 @@
+# ringd: developer entry points. Every target installs what it is missing.
+#   make run    ringd in the foreground on conf/demo.toml, with a demo backend
+#   make test   the whole test suite
+#   make bench  the side-by-side benchmark (not part of make test)
+#   make deb    the Debian package
+
+PYTHON  ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
+SOURCES := $(wildcard supervisor/*.py worker/*.py native/*.c native/*.h native/*.py) \
+           pyproject.toml setup.py
+
+.PHONY: run test deps venv bench deb deb-test clean
+
+# Debian packages, installed only when missing (needs root, as on CI).
+deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then missing="$$missing python3-venv"; fi; \
+	if ! $(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then missing="$$missing python3-dev"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# The project is installed (not editable) so that the cffi extension is built
+# exactly as an install builds it; reinstalled when a source file changes.
+$(STAMP): $(VENV)/bin/python $(SOURCES) tests/constraints.txt
+	$(VPY) -m pip install -q -c tests/constraints.txt ".[test]"
+	@touch $@
+
+venv: deps $(STAMP)
+
+run: venv
+	@sh conf/run-demo.sh $(VPY)
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,828 @@
+/*
+ * conn.c: the connection state machine.
+ *
+ *   accept -> CONNECTING -(proxy_protocol)-> HEADER -> FORWARDING -> CLOSING -> free
+ *                 |  refused / timed out: next server (connect_retries)
+ *                 '- no server left: close the client at once
+ *
+ * FORWARDING runs two independent directions (client->server, server->client).
+ * A direction moves bytes in one of two modes:
+ *
+ *   DM_SPLICE  src socket -> pipe -> dst socket, never through user space.
+ *              IORING_OP_SPLICE cannot poll, so a splice that would block is
+ *              punted to an io-wq thread; we arm readiness first (a POLL_ADD
+ *              linked to a SPLICE_F_NONBLOCK splice) and re-arm on -EAGAIN.
+ *   DM_COPY    recv into a buffer, send it on. Cheaper for small messages
+ *              (two ops instead of three). A direction starts in copy mode and
+ *              switches to splice once it has moved splice_threshold bytes.
+ *
+ * EOF on a direction's source forwards a FIN (shutdown SHUT_WR) once the
+ * bytes in flight are written; the connection ends when both directions have
+ * done so, on a reset, or when it idles past idle_timeout.
+ *
+ * Closing never closes an fd that an in-flight op still uses: shutdown() wakes
+ * every pending poll/recv/splice on the sockets, and the fds are closed when
+ * the last expected completion has arrived (c->inflight == 0).
+ */
+#include "ringd.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+/* a splice-in smaller than this is a "message", not bulk: do not keep a read
+ * armed (and a pipe held) while it is written out */
+#define SPLICE_BULK_READ 16384u
+
+static void dir_read(struct worker *w, struct conn *c, unsigned i);
+static void dir_write(struct worker *w, struct conn *c, unsigned i);
+static void conn_connect(struct worker *w, struct conn *c);
+static void conn_maybe_free(struct worker *w, struct conn *c);
+
+static inline uint32_t conn_slot(struct worker *w, struct conn *c)
+{
+    return (uint32_t)(c - w->conns);
+}
+
+static inline uint64_t ud(struct worker *w, struct conn *c, enum op op, unsigned dir)
+{
+    return ud_make(op, dir, conn_slot(w, c), c->gen);
+}
+
+static inline struct ringd_listener_stats *lstats_of(struct worker *w, struct conn *c)
+{
+    return &w->cfg->lstats[c->listener];
+}
+
+/* ------------------------------------------------------------ idle list */
+
+static void lru_unlink(struct conn *c)
+{
+    if (c->lru_prev) {
+        c->lru_prev->lru_next = c->lru_next;
+        c->lru_next->lru_prev = c->lru_prev;
+        c->lru_prev = c->lru_next = NULL;
+    }
+}
+
+void lru_touch(struct worker *w, struct conn *c)
+{
+    struct conn *head = &w->ls[c->listener].lru_head;
+
+    c->last_ms = w->now_ms;
+    if (head->lru_prev == c)
+        return;               /* already the newest */
+    lru_unlink(c);
+    c->lru_prev = head->lru_prev;
+    c->lru_next = head;
+    head->lru_prev->lru_next = c;
+    head->lru_prev = c;
+}
+
+void conn_expire_idle(struct worker *w)
+{
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
+        struct conn *head = &w->ls[li].lru_head;
+        uint64_t limit = w->cfg->listeners[li].idle_timeout_ms;
+        struct conn *c = head->lru_next;
+
+        while (c != head && w->now_ms - c->last_ms >= limit) {
+            struct conn *next = c->lru_next;
+            lru_unlink(c);      /* closing conns leave the list for good */
+            conn_close(w, c, RINGD_END_TIMEOUT, ETIMEDOUT);
+            c = next;
+        }
+    }
+}
+
+/* ------------------------------------------------------------ start */
+
+void conn_start(struct worker *w, uint32_t li, int cfd)
+{
+    const struct ringd_listener_cfg *lc = &w->cfg->listeners[li];
+    struct ringd_listener_stats *st = &w->cfg->lstats[li];
+
+    if (w->free_head == UINT32_MAX) {
+        /* more completions than max_connections + slack: cannot track it */
+        st->accepted++;
+        st->closed[RINGD_END_RESOURCE]++;
+        close(cfd);
+        return;
+    }
+    struct conn *c = &w->conns[w->free_head];
+    w->free_head = c->next_free;
+
+    uint32_t gen = (c->gen + 1) & 0x7fffff;
+    memset(c, 0, sizeof(*c));
+    c->gen = gen;
+    c->state = CS_CONNECTING;
+    c->listener = (uint16_t)li;
+    c->cfd = cfd;
+    c->sfd = -1;
+    c->server = -1;
+    for (unsigned i = 0; i < 2; i++) {
+        c->d[i].pipe.rfd = c->d[i].pipe.wfd = -1;
+        c->d[i].mode = w->cfg->splice_threshold == 0 ? DM_SPLICE : DM_COPY;
+    }
+    c->start_ns = real_ns();
+    c->start_mono_us = mono_us();
+
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
+    if (lc->access_log || up->proxy_protocol || up->balance == RINGD_BAL_HASH) {
+        socklen_t len = sizeof(c->client);
+        if (getpeername(cfd, (struct sockaddr *)c->client, &len) == 0)
+            c->client_len = len;
+    }
+
+    w->active++;
+    w->ls[li].active++;
+    w->cfg->shm->conns_active = w->active;
+    st->accepted++;
+    st->active++;
+    lru_touch(w, c);
+    conn_connect(w, c);
+}
+
+/* ------------------------------------------------------------ connect */
+
+static void conn_connect(struct worker *w, struct conn *c)
+{
+    const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
+    struct ringd_listener_stats *st = lstats_of(w, c);
+
+    int idx = balance_pick(w, c);
+    if (idx < 0) {
+        st->no_server++;
+        struct upstream_rt *u = &w->us[lc->upstream];
+        u->no_server_pending++;
+        if (w->now_ms - u->no_server_last_ms >= 1000) {
+            event_send(w, RINGD_EV_NO_SERVER, c->err, c->listener, lc->upstream,
+                       u->no_server_pending);
+            u->no_server_pending = 0;
+            u->no_server_last_ms = w->now_ms;
+        }
+        conn_close(w, c, RINGD_END_CONNECT, c->err ? c->err : EHOSTUNREACH);
+        return;
+    }
+    if (c->tries > 0)
+        st->retries++;
+    c->server = idx;
+    c->tries++;
+    uint32_t rel = (uint32_t)idx - up->first_server;
+    if (rel < 32)
+        c->tried_mask |= 1u << rel;
+
+    const struct ringd_server_cfg *sv = &w->cfg->servers[idx];
+    int family = ((const struct sockaddr *)sv->addr)->sa_family;
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        int err = errno;
+        conn_close(w, c, RINGD_END_RESOURCE, err);
+        if (err == EMFILE || err == ENFILE)
+            listener_pause(w, c->listener, err);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    c->sfd = fd;
+
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_connect(sqe, fd, (const struct sockaddr *)sv->addr, sv->addrlen);
+    io_uring_sqe_set_data64(sqe, ud(w, c, OP_CONNECT, 0));
+    sqe->flags |= IOSQE_IO_LINK;
+    sqe = get_sqe(w);
+    io_uring_prep_link_timeout(sqe, &w->ls[c->listener].connect_ts, 0);
+    io_uring_sqe_set_data64(sqe, ud(w, c, OP_CONNECT_TIMEOUT, 0));
+    c->inflight += 2;
+}
+
+static void build_proxy_header(struct worker *w, struct conn *c, unsigned version);
+static void start_forwarding(struct worker *w, struct conn *c);
+
+static void on_connect(struct worker *w, struct conn *c, int res)
+{
+    const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
+    struct ringd_listener_stats *st = lstats_of(w, c);
+
+    if (c->state == CS_CLOSING)
+        return;
+    if (res == 0) {
+        struct ringd_server_shm *s = &w->cfg->srv[c->server];
+        __atomic_fetch_add(&s->active, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&s->connections, 1, __ATOMIC_RELAXED);
+        w->cfg->wsrv[c->server].active++;
+        w->cfg->wsrv[c->server].connections++;
+        c->srv_counted = 1;
+        if (s->passive_down || s->fail_window_count) {
+            s->fail_window_count = 0;
+            if (s->passive_down) {
+                s->passive_down = 0;
+                __atomic_fetch_add(&w->cfg->hdr->state_epoch, 1, __ATOMIC_RELAXED);
+            }
+        }
+        c->abortive = 0;
+        if (up->proxy_protocol) {
+            build_proxy_header(w, c, up->proxy_protocol);
+            c->state = CS_HEADER;
+            struct io_uring_sqe *sqe = get_sqe(w);
+            io_uring_prep_send(sqe, c->sfd, c->hdr, c->hdr_len, MSG_NOSIGNAL);
+            io_uring_sqe_set_data64(sqe, ud(w, c, OP_HDR_SEND, 0));
+            c->inflight++;
+        } else {
+            start_forwarding(w, c);
+        }
+        return;
+    }
+
+    /* -ECANCELED: the linked timeout fired first */
+    int err = res == -ECANCELED ? ETIMEDOUT : -res;
+    st->connect_errors++;
+    if (err == ETIMEDOUT)
+        st->connect_timeouts++;
+    c->err = err;
+    server_connect_failed(w, c->server, err);
+    close(c->sfd);
+    c->sfd = -1;
+    if (c->tries <= up->connect_retries)
+        conn_connect(w, c);
+    else
+        conn_close(w, c, RINGD_END_CONNECT, err);
+}
+
+static void on_hdr_send(struct worker *w, struct conn *c, int res)
+{
+    if (c->state == CS_CLOSING)
+        return;
+    if (res < 0) {
+        conn_close(w, c, RINGD_END_RESET, -res);
+        return;
+    }
+    c->hdr_off += (uint16_t)res;
+    if (c->hdr_off < c->hdr_len) {
+        struct io_uring_sqe *sqe = get_sqe(w);
+        io_uring_prep_send(sqe, c->sfd, c->hdr + c->hdr_off, c->hdr_len - c->hdr_off,
+                           MSG_NOSIGNAL);
+        io_uring_sqe_set_data64(sqe, ud(w, c, OP_HDR_SEND, 0));
+        c->inflight++;
+        return;
+    }
+    start_forwarding(w, c);
+}
+
+/* PROXY protocol v1 (text) or v2 (binary), from the client's address and the
+ * address it connected to. An address we could not read is sent as UNKNOWN
+ * (v1) or LOCAL (v2), as the spec allows. */
+static void build_proxy_header(struct worker *w, struct conn *c, unsigned version)
+{
+    (void)w;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof(local);
+    const struct sockaddr *peer = (const struct sockaddr *)c->client;
+    bool ok = c->client_len > 0 &&
+              getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0 &&
+              local.ss_family == peer->sa_family &&
+              (peer->sa_family == AF_INET || peer->sa_family == AF_INET6);
+
+    if (version == 1) {
+        char src[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN];
+        int n;
+        if (!ok) {
+            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY UNKNOWN\r\n");
+        } else if (peer->sa_family == AF_INET) {
+            const struct sockaddr_in *p = (const void *)peer, *l = (const void *)&local;
+            inet_ntop(AF_INET, &p->sin_addr, src, sizeof(src));
+            inet_ntop(AF_INET, &l->sin_addr, dst, sizeof(dst));
+            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY TCP4 %s %s %u %u\r\n", src,
+                         dst, ntohs(p->sin_port), ntohs(l->sin_port));
+        } else {
+            const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)&local;
+            inet_ntop(AF_INET6, &p->sin6_addr, src, sizeof(src));
+            inet_ntop(AF_INET6, &l->sin6_addr, dst, sizeof(dst));
+            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY TCP6 %s %s %u %u\r\n", src,
+                         dst, ntohs(p->sin6_port), ntohs(l->sin6_port));
+        }
+        c->hdr_len = (uint16_t)n;
+        c->hdr_off = 0;
+        return;
+    }
+
+    static const uint8_t sig[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D,
+                                     0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
+    uint8_t *h = c->hdr;
+    memcpy(h, sig, 12);
+    uint16_t alen = 0;
+    if (!ok) {
+        h[12] = 0x20;     /* version 2, LOCAL */
+        h[13] = 0x00;     /* UNSPEC */
+    } else if (peer->sa_family == AF_INET) {
+        const struct sockaddr_in *p = (const void *)peer, *l = (const void *)&local;
+        h[12] = 0x21;     /* version 2, PROXY */
+        h[13] = 0x11;     /* TCP over IPv4 */
+        memcpy(h + 16, &p->sin_addr, 4);
+        memcpy(h + 20, &l->sin_addr, 4);
+        memcpy(h + 24, &p->sin_port, 2);
+        memcpy(h + 26, &l->sin_port, 2);
+        alen = 12;
+    } else {
+        const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)&local;
+        h[12] = 0x21;
+        h[13] = 0x21;     /* TCP over IPv6 */
+        memcpy(h + 16, &p->sin6_addr, 16);
+        memcpy(h + 32, &l->sin6_addr, 16);
+        memcpy(h + 48, &p->sin6_port, 2);
+        memcpy(h + 50, &l->sin6_port, 2);
+        alen = 36;
+    }
+    h[14] = (uint8_t)(alen >> 8);
+    h[15] = (uint8_t)(alen & 0xff);
+    c->hdr_len = (uint16_t)(16 + alen);
+    c->hdr_off = 0;
+}
+
+static void start_forwarding(struct worker *w, struct conn *c)
+{
+    c->state = CS_FORWARDING;
+    c->d[0].src = c->cfd;
+    c->d[0].dst = c->sfd;
+    c->d[1].src = c->sfd;
+    c->d[1].dst = c->cfd;
+    lru_touch(w, c);
+    dir_read(w, c, 0);
+    dir_read(w, c, 1);
+}
+
+/* ------------------------------------------------------------ directions */
+
+static void count_bytes(struct worker *w, struct conn *c, unsigned i, uint32_t n, bool spliced)
+{
+    struct ringd_listener_stats *st = lstats_of(w, c);
+    struct ringd_server_shm *s = &w->cfg->srv[c->server];
+
+    if (i == 0) {
+        st->bytes_c2s += n;
+        __atomic_fetch_add(&s->bytes_to, n, __ATOMIC_RELAXED);
+    } else {
+        st->bytes_s2c += n;
+        __atomic_fetch_add(&s->bytes_from, n, __ATOMIC_RELAXED);
+    }
+    if (spliced)
+        st->splice_bytes += n;
+    else
+        st->copied_bytes += n;
+}
+
+/* FIN forwarded: the direction is finished. */
+static void dir_shut(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+
+    if (d->flags & DF_SHUT)
+        return;
+    d->flags |= DF_SHUT;
+    shutdown(d->dst, SHUT_WR);
+    pipe_put(w, &d->pipe, d->in_pipe > 0);
+    buf_put(w, d->buf);
+    d->buf = NULL;
+    if ((c->d[0].flags & DF_SHUT) && (c->d[1].flags & DF_SHUT))
+        conn_close(w, c, RINGD_END_DONE, 0);
+}
+
+static void sqe_poll(struct worker *w, struct conn *c, unsigned i, int fd, unsigned mask,
+                     enum op op, bool linked)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_poll_add(sqe, fd, mask);
+    io_uring_sqe_set_data64(sqe, ud(w, c, op, i));
+    if (linked)
+        sqe->flags |= IOSQE_IO_LINK;
+    c->inflight++;
+}
+
+static void sqe_splice(struct worker *w, struct conn *c, unsigned i, int in, int out,
+                       uint32_t len, enum op op)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_splice(sqe, in, -1, out, -1, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    io_uring_sqe_set_data64(sqe, ud(w, c, op, i));
+}
+
+static void dir_read(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+
+    if (c->state != CS_FORWARDING || (d->flags & (DF_IN_BUSY | DF_EOF | DF_SHUT)))
+        return;
+
+    if (d->mode == DM_COPY) {
+        if (d->buf_len > d->buf_off)
+            return;           /* still writing the last chunk */
+        if (!d->buf) {
+            /* idle: wait for data without holding a buffer */
+            sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, false);
+            d->flags |= DF_IN_BUSY | DF_BARE_POLL;
+            return;
+        }
+        struct io_uring_sqe *sqe = get_sqe(w);
+        io_uring_prep_recv(sqe, d->src, d->buf, w->cfg->copy_buffer_size, 0);
+        io_uring_sqe_set_data64(sqe, ud(w, c, OP_RECV, i));
+        d->flags |= DF_IN_BUSY;
+        c->inflight++;
+        return;
+    }
+
+    if (d->in_pipe == 0 && !(d->flags & DF_OUT_BUSY)) {
+        /* nothing in flight: give the pipe back and wait for data */
+        pipe_put(w, &d->pipe, false);
+        sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, false);
+        d->flags |= DF_IN_BUSY | DF_BARE_POLL;
+        return;
+    }
+    if (d->pipe.rfd < 0 || d->in_pipe >= d->pipe.cap)
+        return;               /* pipe full: the writer restarts us */
+    sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, true);
+    sqe_splice(w, c, i, d->src, d->pipe.wfd, d->pipe.cap - d->in_pipe, OP_SPLICE_IN);
+    d->flags |= DF_IN_BUSY | DF_IN_LINKED;
+    c->inflight++;
+}
+
+static void dir_write(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+
+    if (d->flags & (DF_OUT_BUSY | DF_SHUT))
+        return;
+    if (d->mode == DM_COPY) {
+        if (d->buf_len <= d->buf_off)
+            return;
+        struct io_uring_sqe *sqe = get_sqe(w);
+        io_uring_prep_send(sqe, d->dst, d->buf + d->buf_off, d->buf_len - d->buf_off,
+                           MSG_NOSIGNAL);
+        io_uring_sqe_set_data64(sqe, ud(w, c, OP_SEND, i));
+        d->flags |= DF_OUT_BUSY;
+        c->inflight++;
+        return;
+    }
+    if (d->in_pipe == 0)
+        return;
+    /* the socket is usually writable: splice at once, poll only after a
+     * partial write said it was full */
+    if (d->flags & DF_OUT_POLL)
+        sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT, true);
+    sqe_splice(w, c, i, d->pipe.rfd, d->dst, d->in_pipe, OP_SPLICE_OUT);
+    d->flags |= DF_OUT_BUSY;
+    c->inflight++;
+}
+
+/* The source has hit EOF: forward it once everything read was written. */
+static void dir_check_eof(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+
+    if (!(d->flags & DF_EOF) || (d->flags & (DF_OUT_BUSY | DF_SHUT)))
+        return;
+    if (d->mode == DM_SPLICE ? d->in_pipe == 0 : d->buf_len <= d->buf_off)
+        dir_shut(w, c, i);
+}
+
+/* Copy mode: after a chunk was fully sent, maybe switch the direction to
+ * splice, else read the next chunk into the same buffer. */
+static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+
+    d->buf_len = d->buf_off = 0;
+    if (d->flags & DF_EOF) {
+        dir_shut(w, c, i);
+        return;
+    }
+    if (d->bytes >= w->cfg->splice_threshold) {
+        d->mode = DM_SPLICE;
+        buf_put(w, d->buf);
+        d->buf = NULL;
+    } else if (!(d->flags & DF_FULL_READ)) {
+        /* a message, not a stream: wait for the next one holding no buffer */
+        buf_put(w, d->buf);
+        d->buf = NULL;
+    }
+    dir_read(w, c, i);
+}
+
+static void on_poll_in(struct worker *w, struct conn *c, unsigned i, int res)
+{
+    struct dir *d = &c->d[i];
+
+    if (d->flags & DF_IN_LINKED)
+        return;               /* the linked splice reports (-ECANCELED if we failed) */
+    d->flags &= ~(DF_IN_BUSY | DF_BARE_POLL);
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res < 0) {
+        conn_close(w, c, RINGD_END_RESET, -res);
+        return;
+    }
+    lru_touch(w, c);
+    if (d->mode == DM_COPY) {
+        d->buf = buf_get(w);
+        if (!d->buf) {
+            conn_close(w, c, RINGD_END_RESOURCE, ENOMEM);
+            return;
+        }
+        dir_read(w, c, i);
+        return;
+    }
+    if (d->pipe.rfd < 0) {
+        int err = pipe_get(w, &d->pipe);
+        if (err < 0) {
+            conn_close(w, c, RINGD_END_RESOURCE, -err);
+            return;
+        }
+        d->in_pipe = 0;
+    }
+    /* readable now: splice without another poll */
+    sqe_splice(w, c, i, d->src, d->pipe.wfd, d->pipe.cap - d->in_pipe, OP_SPLICE_IN);
+    d->flags |= DF_IN_BUSY;
+    c->inflight++;
+}
+
+static void on_read_error(struct worker *w, struct conn *c, int err)
+{
+    conn_close(w, c, RINGD_END_RESET, err);
+}
+
+static void on_splice_in(struct worker *w, struct conn *c, unsigned i, int res)
+{
+    struct dir *d = &c->d[i];
+
+    d->flags &= ~(DF_IN_BUSY | DF_IN_LINKED);
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res > 0) {
+        d->in_pipe += (uint32_t)res;
+        d->bytes += (uint64_t)res;
+        lru_touch(w, c);
+        dir_write(w, c, i);
+        if ((uint32_t)res >= SPLICE_BULK_READ)
+            dir_read(w, c, i);    /* bulk: keep reading while we write */
+        return;
+    }
+    if (res == 0) {
+        d->flags |= DF_EOF;
+        dir_check_eof(w, c, i);
+        return;
+    }
+    if (res == -EAGAIN || res == -EINTR) {
+        dir_read(w, c, i);
+        return;
+    }
+    on_read_error(w, c, -res);
+}
+
+static void on_splice_out(struct worker *w, struct conn *c, unsigned i, int res)
+{
+    struct dir *d = &c->d[i];
+
+    d->flags &= ~DF_OUT_BUSY;
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res > 0) {
+        d->in_pipe -= (uint32_t)res;
+        count_bytes(w, c, i, (uint32_t)res, true);
+        lru_touch(w, c);
+        if (d->in_pipe > 0) {
+            d->flags |= DF_OUT_POLL;
+            dir_write(w, c, i);
+        } else {
+            d->flags &= ~DF_OUT_POLL;
+        }
+        if (d->flags & DF_EOF)
+            dir_check_eof(w, c, i);
+        else
+            dir_read(w, c, i);
+        return;
+    }
+    if (res == -EAGAIN || res == -EINTR || res == 0) {
+        d->flags |= DF_OUT_POLL;
+        dir_write(w, c, i);
+        return;
+    }
+    conn_close(w, c, RINGD_END_RESET, -res);
+}
+
+static void on_recv(struct worker *w, struct conn *c, unsigned i, int res)
+{
+    struct dir *d = &c->d[i];
+
+    d->flags &= ~DF_IN_BUSY;
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res > 0) {
+        d->buf_len = (uint32_t)res;
+        d->buf_off = 0;
+        if ((uint32_t)res == w->cfg->copy_buffer_size)
+            d->flags |= DF_FULL_READ;
+        else
+            d->flags &= ~DF_FULL_READ;
+        d->bytes += (uint64_t)res;
+        lru_touch(w, c);
+        dir_write(w, c, i);
+        return;
+    }
+    if (res == 0) {
+        d->flags |= DF_EOF;
+        buf_put(w, d->buf);
+        d->buf = NULL;
+        dir_check_eof(w, c, i);
+        return;
+    }
+    if (res == -EAGAIN || res == -EINTR) {
+        dir_read(w, c, i);
+        return;
+    }
+    on_read_error(w, c, -res);
+}
+
+static void on_send(struct worker *w, struct conn *c, unsigned i, int res)
+{
+    struct dir *d = &c->d[i];
+
+    d->flags &= ~DF_OUT_BUSY;
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res > 0) {
+        d->buf_off += (uint32_t)res;
+        count_bytes(w, c, i, (uint32_t)res, false);
+        lru_touch(w, c);
+        if (d->buf_off < d->buf_len) {
+            d->flags |= DF_OUT_POLL;
+            dir_write(w, c, i);
+            return;
+        }
+        d->flags &= ~DF_OUT_POLL;
+        dir_copy_done(w, c, i);
+        return;
+    }
+    if (res == -EAGAIN || res == -EINTR || res == 0) {
+        d->flags |= DF_OUT_POLL;
+        dir_write(w, c, i);
+        return;
+    }
+    conn_close(w, c, RINGD_END_RESET, -res);
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
+{
+    uint64_t u = cqe->user_data;
+    uint32_t slot = ud_slot(u);
+    enum op op = ud_op(u);
+    unsigned i = ud_dir(u);
+
+    if (slot >= w->nconns)
+        return;
+    struct conn *c = &w->conns[slot];
+    if (c->state == CS_FREE || c->gen != ud_gen(u))
+        return;               /* late completion for a reused slot */
+
+    c->inflight--;
+
+    switch (op) {
+    case OP_CONNECT:
+        on_connect(w, c, cqe->res);
+        break;
+    case OP_CONNECT_TIMEOUT:
+        break;
+    case OP_HDR_SEND:
+        on_hdr_send(w, c, cqe->res);
+        break;
+    case OP_POLL_IN:
+        on_poll_in(w, c, i, cqe->res);
+        break;
+    case OP_SPLICE_IN:
+        on_splice_in(w, c, i, cqe->res);
+        break;
+    case OP_SPLICE_OUT:
+        on_splice_out(w, c, i, cqe->res);
+        break;
+    case OP_RECV:
+        on_recv(w, c, i, cqe->res);
+        break;
+    case OP_SEND:
+        on_send(w, c, i, cqe->res);
+        break;
+    case OP_POLL_OUT:
+    default:
+        break;
+    }
+    if (c->state == CS_CLOSING)
+        conn_maybe_free(w, c);
+}
+
+/* ------------------------------------------------------------ close */
+
+void conn_close(struct worker *w, struct conn *c, int reason, int err)
+{
+    if (c->state == CS_CLOSING || c->state == CS_FREE)
+        return;
+    if (c->state == CS_CONNECTING && c->sfd >= 0) {
+        struct io_uring_sqe *sqe = get_sqe(w);
+        io_uring_prep_cancel64(sqe, ud(w, c, OP_CONNECT, 0), 0);
+        io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
+    }
+    c->state = CS_CLOSING;
+    c->end_reason = (uint8_t)reason;
+    if (err && !c->err)
+        c->err = err;
+    if (reason == RINGD_END_RESET)
+        c->abortive = 1;
+    lru_unlink(c);
+
+    /* wake everything still pending on the sockets; for a connect in
+     * progress, shutdown() aborts it */
+    if (c->abortive) {
+        struct linger lg = { 1, 0 };
+        setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        if (c->sfd >= 0)
+            setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    shutdown(c->cfd, SHUT_RDWR);
+    if (c->sfd >= 0)
+        shutdown(c->sfd, SHUT_RDWR);
+    conn_maybe_free(w, c);
+}
+
+static void access_log(struct worker *w, struct conn *c)
+{
+    const struct ringd_worker_cfg *cfg = w->cfg;
+    struct ringd_log_ring *r = cfg->log_ring;
+
+    if (!r || !cfg->log_ring_records || !cfg->listeners[c->listener].access_log)
+        return;
+    uint64_t head = r->head;
+    uint64_t tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+    if (head - tail >= cfg->log_ring_records) {
+        r->dropped++;
+        return;
+    }
+    struct ringd_log_record *rec = &cfg->log_records[head & (cfg->log_ring_records - 1)];
+    rec->start_ns = c->start_ns;
+    rec->duration_us = mono_us() - c->start_mono_us;
+    rec->bytes_c2s = c->d[0].bytes;
+    rec->bytes_s2c = c->d[1].bytes;
+    memcpy(rec->client, c->client, sizeof(rec->client));
+    rec->client_len = c->client_len;
+    rec->server = c->server;
+    rec->listener = c->listener;
+    rec->end_reason = c->end_reason;
+    rec->err = c->err;
+    __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
+}
+
+static void conn_maybe_free(struct worker *w, struct conn *c)
+{
+    if (c->state != CS_CLOSING || c->inflight > 0)
+        return;
+
+    struct ringd_listener_stats *st = lstats_of(w, c);
+    for (unsigned i = 0; i < 2; i++) {
+        pipe_put(w, &c->d[i].pipe, c->d[i].in_pipe > 0);
+        buf_put(w, c->d[i].buf);
+        c->d[i].buf = NULL;
+    }
+    close(c->cfd);
+    if (c->sfd >= 0)
+        close(c->sfd);
+    if (c->srv_counted) {
+        __atomic_fetch_sub(&w->cfg->srv[c->server].active, 1, __ATOMIC_RELAXED);
+        w->cfg->wsrv[c->server].active--;
+    }
+    st->closed[c->end_reason]++;
+    st->active--;
+    w->active--;
+    w->ls[c->listener].active--;
+    w->cfg->shm->conns_active = w->active;
+    access_log(w, c);
+
+    c->state = CS_FREE;
+    c->next_free = w->free_head;
+    w->free_head = conn_slot(w, c);
+    listener_maybe_resume(w, c->listener);
+}
+
+void conn_close_all(struct worker *w, int reason)
+{
+    for (uint32_t s = 0; s < w->nconns; s++) {
+        struct conn *c = &w->conns[s];
+        if (c->state != CS_FREE && c->state != CS_CLOSING) {
+            conn_close(w, c, reason, 0);
+            w->closed_at_deadline++;
+        }
+    }
+}

@@ -1,0 +1,130 @@
+/*
+ * listener.c: multishot accept on this worker's SO_REUSEPORT sockets, and
+ * pausing it. Accepting is paused (the multishot accept is cancelled, the
+ * socket stays open so the kernel keeps queueing) when a listener reaches its
+ * max_connections, and when the process runs short of fds or memory; in the
+ * second case we retry on a timer instead of spinning on the error.
+ */
+#include "ringd.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+#define ACCEPT_RETRY_MS 250
+
+void listener_arm(struct worker *w, uint32_t li)
+{
+    struct listener_rt *l = &w->ls[li];
+
+    if (l->armed || l->paused || w->draining || w->stopping)
+        return;
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT, 0, li, 0));
+    l->armed = true;
+    l->cancel_sent = false;
+    w->accept_armed_count++;
+}
+
+static void listener_cancel(struct worker *w, uint32_t li)
+{
+    struct listener_rt *l = &w->ls[li];
+
+    if (!l->armed || l->cancel_sent)
+        return;
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_cancel64(sqe, ud_make(OP_ACCEPT, 0, li, 0), 0);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT_CANCEL, 0, li, 0));
+    l->cancel_sent = true;
+}
+
+void listener_pause(struct worker *w, uint32_t li, int err)
+{
+    struct listener_rt *l = &w->ls[li];
+    struct ringd_listener_stats *st = &w->cfg->lstats[li];
+
+    if (l->paused) {
+        if (err)
+            l->resume_at_ms = w->now_ms + ACCEPT_RETRY_MS;
+        return;
+    }
+    l->paused = true;
+    l->pause_err = err;
+    l->resume_at_ms = w->now_ms + ACCEPT_RETRY_MS;
+    st->accept_pauses++;
+    st->accept_paused = 1;
+    listener_cancel(w, li);
+    event_send(w, RINGD_EV_ACCEPT_PAUSED, err, li, l->active, st->accept_pauses);
+}
+
+/* Called when a connection of the listener closes and on every tick. */
+void listener_maybe_resume(struct worker *w, uint32_t li)
+{
+    struct listener_rt *l = &w->ls[li];
+
+    if (!l->paused || w->draining || w->stopping)
+        return;
+    if (l->active >= w->cfg->listeners[li].max_conns)
+        return;
+    if (l->pause_err && w->now_ms < l->resume_at_ms)
+        return;
+    l->paused = false;
+    w->cfg->lstats[li].accept_paused = 0;
+    if (l->pause_err)
+        event_send(w, RINGD_EV_ACCEPT_RESUMED, l->pause_err, li, l->active, 0);
+    l->pause_err = 0;
+    listener_arm(w, li);
+}
+
+void listener_stop_all(struct worker *w)
+{
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
+        listener_cancel(w, li);
+}
+
+void on_accept(struct worker *w, struct io_uring_cqe *cqe)
+{
+    uint32_t li = ud_slot(cqe->user_data);
+    struct listener_rt *l = &w->ls[li];
+    int res = cqe->res;
+
+    if (li >= w->cfg->nlisteners)
+        return;
+    if (!(cqe->flags & IORING_CQE_F_MORE) && l->armed) {
+        l->armed = false;
+        w->accept_armed_count--;
+    }
+
+    if (res >= 0) {
+        /* A connection accepted while we were pausing or draining is still
+         * served: it left the kernel's queue, nobody else can take it. */
+        conn_start(w, li, res);
+        if (l->active >= w->cfg->listeners[li].max_conns)
+            listener_pause(w, li, 0);
+    } else {
+        switch (-res) {
+        case ECANCELED:
+            break;
+        case EMFILE:
+        case ENFILE:
+        case ENOBUFS:
+        case ENOMEM:
+            listener_pause(w, li, -res);
+            break;
+        case EINTR:
+        case EAGAIN:
+        case ECONNABORTED:
+        case EPROTO:
+        case EPERM:
+            break;
+        default:
+            /* unexpected: report and retry later rather than spin */
+            event_send(w, RINGD_EV_ACCEPT_ERROR, -res, li, 0, 0);
+            listener_pause(w, li, -res);
+            break;
+        }
+    }
+    if (!l->armed)
+        listener_arm(w, li);
+    check_accept_stopped(w);
+}

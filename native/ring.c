@@ -1,0 +1,155 @@
+/*
+ * ring.c: io_uring setup for a worker, the SQE helper, clocks, and the
+ * feature probe Python calls before it forks anything.
+ */
+#include "ringd.h"
+
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#ifndef RINGD_LIBURING_MAJOR
+#define RINGD_LIBURING_MAJOR 2
+#endif
+#ifndef RINGD_LIBURING_MINOR
+#define RINGD_LIBURING_MINOR 3
+#endif
+
+uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+uint64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+uint64_t real_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t ringd_monotonic_ms(void)
+{
+    return mono_ms();
+}
+
+static int try_init(struct worker *w, uint32_t mode, uint32_t flags, unsigned entries)
+{
+    const struct ringd_worker_cfg *cfg = w->cfg;
+    struct io_uring_params p;
+    int ret;
+
+    memset(&p, 0, sizeof(p));
+    p.flags = flags | IORING_SETUP_CQSIZE;
+    p.cq_entries = entries * 4;
+    if (mode == RINGD_RING_SQPOLL) {
+        p.sq_thread_idle = cfg->sq_thread_idle_ms;
+        if (cfg->cpu >= 0)
+            p.sq_thread_cpu = (uint32_t)cfg->cpu;
+        else
+            p.flags &= ~IORING_SETUP_SQ_AFF;
+    }
+    ret = io_uring_queue_init_params(entries, &w->ring, &p);
+    if (ret == 0) {
+        w->ring_mode = mode;
+        w->ring_flags = p.flags;
+        w->ring_ok = true;
+    }
+    return ret;
+}
+
+/*
+ * Try the wanted setup first, then step down. SQPOLL gets its poller pinned
+ * to the worker's own CPU; without SQPOLL the worker is the only submitter,
+ * so SINGLE_ISSUER | DEFER_TASKRUN lets completions run only when we ask,
+ * in batches, instead of interrupting us (6.1+; else COOP_TASKRUN, 5.19+).
+ * SUBMIT_ALL (5.18+) keeps a batch going past one bad SQE.
+ */
+int ring_setup(struct worker *w)
+{
+    static const struct { uint32_t mode, flags; } tries[] = {
+        { RINGD_RING_SQPOLL, IORING_SETUP_SQPOLL | IORING_SETUP_SQ_AFF },
+        { RINGD_RING_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN },
+        { RINGD_RING_COOP_TASKRUN, IORING_SETUP_COOP_TASKRUN },
+        { RINGD_RING_PLAIN, 0 },
+    };
+    unsigned entries = w->cfg->entries ? w->cfg->entries : 4096;
+    int ret = -EINVAL;
+
+    for (size_t i = w->cfg->sqpoll ? 0 : 1; i < sizeof(tries) / sizeof(tries[0]); i++) {
+        ret = try_init(w, tries[i].mode, tries[i].flags | IORING_SETUP_SUBMIT_ALL, entries);
+        if (ret == -EINVAL)
+            ret = try_init(w, tries[i].mode, tries[i].flags, entries);
+        if (ret == 0 || ret == -ENOMEM || ret == -EMFILE || ret == -ENFILE)
+            return ret;   /* stepping down will not help with a shortage */
+    }
+    return ret;
+}
+
+/* An SQE, submitting what is queued if the SQ ring is full. */
+struct io_uring_sqe *get_sqe(struct worker *w)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&w->ring);
+    while (!sqe) {
+        io_uring_submit(&w->ring);
+        sqe = io_uring_get_sqe(&w->ring);
+    }
+    return sqe;
+}
+
+int ringd_probe(struct ringd_features *f)
+{
+    struct io_uring ring;
+    struct io_uring_params p;
+    int ret;
+
+    memset(f, 0, sizeof(*f));
+    f->abi = RINGD_ABI_VERSION;
+    f->liburing_major = RINGD_LIBURING_MAJOR;
+    f->liburing_minor = RINGD_LIBURING_MINOR;
+
+    memset(&p, 0, sizeof(p));
+    ret = io_uring_queue_init_params(8, &ring, &p);
+    if (ret < 0)
+        return ret;
+    f->kernel_features = p.features;
+    f->have_cqe_skip = (p.features & IORING_FEAT_CQE_SKIP) != 0;
+
+    struct io_uring_probe *pr = io_uring_get_probe_ring(&ring);
+    if (pr) {
+        f->have_splice = io_uring_opcode_supported(pr, IORING_OP_SPLICE);
+        f->have_multishot_accept = io_uring_opcode_supported(pr, IORING_OP_ACCEPT) &&
+                                   io_uring_opcode_supported(pr, IORING_OP_SOCKET);
+        io_uring_free_probe(pr);
+    }
+    io_uring_queue_exit(&ring);
+
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SINGLE_ISSUER;
+    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
+        f->have_single_issuer = 1;
+        io_uring_queue_exit(&ring);
+    }
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
+        f->have_defer_taskrun = 1;
+        io_uring_queue_exit(&ring);
+    }
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SQPOLL;
+    p.sq_thread_idle = 1;
+    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
+        f->have_sqpoll = 1;
+        io_uring_queue_exit(&ring);
+    }
+    return 0;
+}

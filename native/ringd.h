@@ -1,0 +1,237 @@
+/*
+ * ringd.h: the worker's internal types, shared by the C files of native/.
+ *
+ * One worker = one thread = one io_uring. Every connection is a slot in a
+ * table with a free list; every SQE carries user_data = (op, slot, slot
+ * generation), so a completion that arrives after its slot was reused is
+ * recognised and dropped instead of touching the new connection.
+ */
+#ifndef RINGD_H
+#define RINGD_H
+
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <stdbool.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <liburing.h>
+
+#include "ringd_api.h"
+
+#define RINGD_TICK_MS 100
+
+/* ------------------------------------------------------------ user_data */
+
+enum op {
+    OP_NONE = 0,
+    OP_ACCEPT,          /* slot = listener index */
+    OP_ACCEPT_CANCEL,
+    OP_CTRL,            /* control socket recv */
+    OP_TICK,            /* periodic timer */
+    OP_CONNECT,
+    OP_CONNECT_TIMEOUT, /* linked timeout of OP_CONNECT */
+    OP_POLL_IN,         /* readiness of a direction's source (dir in bit) */
+    OP_SPLICE_IN,       /* source socket -> pipe */
+    OP_POLL_OUT,        /* writability of a direction's destination */
+    OP_SPLICE_OUT,      /* pipe -> destination socket */
+    OP_RECV,            /* copy mode: source socket -> buffer */
+    OP_SEND,            /* copy mode: buffer -> destination socket */
+    OP_HDR_SEND,        /* PROXY protocol header to the server */
+    OP_CANCEL,          /* a cancel request's own completion */
+    OP_NOP,
+};
+
+/* bits 56..63 op, bit 55 direction, bits 32..54 slot generation, 0..31 slot */
+static inline uint64_t ud_make(enum op op, unsigned dir, uint32_t slot, uint32_t gen)
+{
+    return ((uint64_t)op << 56) | ((uint64_t)(dir & 1) << 55) |
+           ((uint64_t)(gen & 0x7fffff) << 32) | slot;
+}
+static inline enum op ud_op(uint64_t ud) { return (enum op)(ud >> 56); }
+static inline unsigned ud_dir(uint64_t ud) { return (unsigned)(ud >> 55) & 1; }
+static inline uint32_t ud_gen(uint64_t ud) { return (uint32_t)(ud >> 32) & 0x7fffff; }
+static inline uint32_t ud_slot(uint64_t ud) { return (uint32_t)ud; }
+
+/* ------------------------------------------------------------ connection */
+
+enum conn_state {
+    CS_FREE = 0,
+    CS_CONNECTING,      /* connect to a server in flight */
+    CS_HEADER,          /* sending the PROXY protocol header */
+    CS_FORWARDING,
+    CS_CLOSING,         /* waiting for in-flight ops before closing fds */
+};
+
+enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
+
+/* direction flags */
+#define DF_IN_BUSY   0x01   /* a read (poll/splice-in or recv) is in flight */
+#define DF_OUT_BUSY  0x02   /* a write (splice-out or send) is in flight */
+#define DF_EOF       0x04   /* the source sent FIN */
+#define DF_SHUT      0x08   /* FIN forwarded to the destination */
+#define DF_OUT_POLL  0x10   /* last write was partial: poll before writing */
+#define DF_IN_LINKED 0x20   /* the in-flight read is a linked poll+splice */
+#define DF_BARE_POLL 0x40   /* the in-flight read is a bare poll (no pipe held) */
+#define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
+
+struct pipe_ref {
+    int rfd, wfd;
+    uint32_t cap;
+};
+
+/* One direction of a connection: src -> dst (0: client->server, 1: back). */
+struct dir {
+    int src, dst;
+    uint8_t mode;           /* enum dir_mode */
+    uint8_t flags;          /* DF_* */
+    struct pipe_ref pipe;   /* rfd < 0 when no pipe is held */
+    uint32_t in_pipe;       /* bytes sitting in the pipe */
+    char *buf;              /* copy mode buffer (NULL while idle) */
+    uint32_t buf_len;       /* bytes in buf */
+    uint32_t buf_off;       /* bytes of buf already sent */
+    uint64_t bytes;         /* bytes read from src */
+};
+
+struct conn {
+    uint32_t gen;
+    uint8_t state;          /* enum conn_state */
+    uint8_t end_reason;     /* RINGD_END_* once closing */
+    uint8_t abortive;       /* close with RST */
+    uint8_t tries;          /* servers tried */
+    uint8_t srv_counted;    /* counted in the server's active connections */
+    uint16_t listener;
+    int16_t inflight;       /* SQEs whose CQE we still expect */
+    int cfd, sfd;
+    int server;             /* index, -1 until chosen */
+    int err;                /* errno that ended it, if any */
+    uint32_t tried_mask;    /* servers tried (first 32 of the upstream) */
+    struct dir d[2];
+    uint64_t last_ms;       /* monotonic ms of last activity */
+    uint64_t start_ns;      /* realtime, for the access log */
+    uint64_t start_mono_us;
+    struct conn *lru_prev, *lru_next;   /* per-listener idle list, oldest first */
+    uint32_t next_free;
+    uint8_t client[RINGD_ADDR_MAX];
+    uint32_t client_len;
+    uint8_t hdr[108];       /* PROXY header being sent (v1 max 107, v2 max 52+) */
+    uint16_t hdr_len, hdr_off;
+};
+
+/* ------------------------------------------------------------ worker */
+
+struct listener_rt {
+    int fd;
+    bool armed;             /* multishot accept in flight */
+    bool paused;            /* by max_connections or an fd shortage */
+    bool cancel_sent;
+    int pause_err;          /* errno that paused us, 0 for max_connections */
+    uint64_t resume_at_ms;  /* for fd shortages: retry time */
+    struct __kernel_timespec connect_ts;   /* linked timeout of connects */
+    uint32_t active;
+    struct conn lru_head;   /* sentinel of the idle list */
+};
+
+struct upstream_rt {
+    int32_t *cur_weight;    /* smooth weighted round robin state, [nservers] */
+    uint32_t rr_next;       /* tie breaking */
+    uint32_t *maglev;       /* hash lookup table (server index per entry) */
+    uint32_t maglev_size;
+    uint64_t no_server_pending;   /* for rate limited events */
+    uint64_t no_server_last_ms;
+};
+
+struct worker {
+    const struct ringd_worker_cfg *cfg;
+    struct io_uring ring;
+    bool ring_ok;
+    uint32_t ring_mode, ring_flags;
+
+    struct conn *conns;
+    uint32_t nconns;
+    uint32_t free_head;     /* UINT32_MAX = none */
+    uint32_t active;
+
+    struct listener_rt *ls;
+    struct upstream_rt *us;
+
+    /* pipe pool */
+    struct pipe_ref *pipes;
+    uint32_t npipes, pipe_max;
+    uint32_t pipe_size;
+    bool pipe_shrunk_reported;
+
+    /* copy buffers: a simple free list of copy_buffer_size blocks */
+    char **bufs;
+    uint32_t nbufs, buf_max;
+
+    /* control channel */
+    int ctrl_fd;
+    struct ringd_cmd ctrl_buf[4];
+    bool ctrl_armed;
+
+    /* timer */
+    struct __kernel_timespec tick_ts;
+    bool tick_armed;
+
+    uint64_t now_ms;
+    bool draining;
+    bool stopping;
+    uint64_t drain_deadline_ms;
+    uint64_t closed_at_deadline;
+    bool exit_loop;
+    uint32_t accept_armed_count;
+    bool accept_stopped;     /* draining and every accept cancelled */
+    uint32_t rng;
+
+    /* rate limited connect failure event */
+    uint64_t cfail_pending;
+    uint64_t cfail_last_ms;
+    int cfail_last_err;
+    uint32_t cfail_last_server;
+};
+
+/* ring.c */
+int ring_setup(struct worker *w);
+struct io_uring_sqe *get_sqe(struct worker *w);
+uint64_t mono_ms(void);
+uint64_t mono_us(void);
+uint64_t real_ns(void);
+
+/* pipes.c */
+int pipe_get(struct worker *w, struct pipe_ref *out);
+void pipe_put(struct worker *w, struct pipe_ref *p, bool dirty);
+void pipe_pool_drain(struct worker *w);
+char *buf_get(struct worker *w);
+void buf_put(struct worker *w, char *b);
+void buf_pool_drain(struct worker *w);
+
+/* listener.c */
+void listener_arm(struct worker *w, uint32_t li);
+void listener_pause(struct worker *w, uint32_t li, int err);
+void listener_maybe_resume(struct worker *w, uint32_t li);
+void listener_stop_all(struct worker *w);
+void on_accept(struct worker *w, struct io_uring_cqe *cqe);
+
+/* conn.c */
+void conn_start(struct worker *w, uint32_t li, int cfd);
+void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
+void conn_close(struct worker *w, struct conn *c, int reason, int err);
+void conn_close_all(struct worker *w, int reason);
+void conn_expire_idle(struct worker *w);
+void lru_touch(struct worker *w, struct conn *c);
+
+/* balance.c */
+int balance_init(struct worker *w);
+void balance_free(struct worker *w);
+int balance_pick(struct worker *w, struct conn *c);
+void server_connect_failed(struct worker *w, int server, int err);
+
+/* control.c */
+void ctrl_arm(struct worker *w);
+void ctrl_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
+void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
+void worker_begin_drain(struct worker *w, uint64_t deadline_ms);
+void check_accept_stopped(struct worker *w);
+
+#endif

@@ -1,0 +1,267 @@
+/*
+ * ringd_api.h: everything Python and C share.
+ *
+ * This file is read twice: by the C compiler (through ringd.h) and by cffi's
+ * cdef (native/build_native.py). Keep it cdef-compatible: no #include, no
+ * #if, no macros other than plain integer constants, only fixed-width types.
+ *
+ * Shared memory layout (one anonymous MAP_SHARED segment per generation,
+ * created by the master before it forks the workers of that generation):
+ *
+ *   struct ringd_shm_header
+ *   struct ringd_server_shm        [nservers]        (shared by all workers)
+ *   then one block per worker, each starting on a 64-byte boundary so that
+ *   workers never write the same cache line:
+ *     struct ringd_worker_shm
+ *     struct ringd_listener_stats  [nlisteners]
+ *     struct ringd_worker_server   [nservers]
+ *     struct ringd_log_ring
+ *     struct ringd_log_record      [log_ring_records]
+ *
+ * Python computes the offsets with ffi.sizeof; C only ever sees the pointers
+ * handed to it in struct ringd_worker_cfg.
+ */
+
+#define RINGD_ABI_VERSION 1
+
+#define RINGD_ADDR_MAX 28          /* sizeof(struct sockaddr_in6) */
+
+/* ring modes a worker may end up with (ringd_worker_shm.ring_mode) */
+#define RINGD_RING_SQPOLL 1
+#define RINGD_RING_DEFER_TASKRUN 2
+#define RINGD_RING_COOP_TASKRUN 3
+#define RINGD_RING_PLAIN 4
+
+/* worker states (ringd_worker_shm.state) */
+#define RINGD_WS_STARTING 0
+#define RINGD_WS_ACCEPTING 1
+#define RINGD_WS_DRAINING 2
+#define RINGD_WS_EXITED 3
+
+/* server states as the master publishes them (ringd_server_shm.state) */
+#define RINGD_SRV_UP 0
+#define RINGD_SRV_DOWN 1       /* health check failed */
+#define RINGD_SRV_DRAIN 2      /* admin: no new connections, existing ones finish */
+#define RINGD_SRV_MAINT 3      /* admin: off now */
+
+/* balancing algorithms */
+#define RINGD_BAL_ROUND_ROBIN 0
+#define RINGD_BAL_LEAST_CONN 1
+#define RINGD_BAL_HASH 2
+#define RINGD_BAL_RANDOM 3
+
+/* why a connection ended (index into ringd_listener_stats.closed[]) */
+#define RINGD_END_DONE 0       /* both directions finished normally */
+#define RINGD_END_RESET 1      /* a peer reset or an I/O error */
+#define RINGD_END_TIMEOUT 2    /* idle timeout */
+#define RINGD_END_DRAIN 3      /* still open at the drain deadline, or stop */
+#define RINGD_END_CONNECT 4    /* no upstream server could be reached */
+#define RINGD_END_RESOURCE 5   /* out of fds, memory or pipes */
+#define RINGD_END_NREASONS 6
+
+/* master -> worker commands (struct ringd_cmd over the control socketpair) */
+#define RINGD_CMD_DRAIN 1      /* arg: deadline in ms from now */
+#define RINGD_CMD_STOP 2       /* close everything, exit */
+#define RINGD_CMD_RESUME_ACCEPT 3
+
+/* worker -> master events (struct ringd_event) */
+#define RINGD_EV_READY 1           /* a: ring mode, b: ring flags obtained */
+#define RINGD_EV_ACCEPT_PAUSED 2   /* a: listener, err: errno (0 = max_connections) */
+#define RINGD_EV_ACCEPT_RESUMED 3  /* a: listener */
+#define RINGD_EV_DRAINING 4        /* c: active connections */
+#define RINGD_EV_EXITING 5         /* c: connections closed by the deadline/stop */
+#define RINGD_EV_NO_SERVER 6       /* a: listener, b: upstream, c: clients closed since last event */
+#define RINGD_EV_CONNECT_FAIL 7    /* a: server, err: errno, c: failures since last event */
+#define RINGD_EV_PIPE_SHRUNK 8     /* a: new pipe size, err: errno of F_SETPIPE_SZ */
+#define RINGD_EV_SERVER_FAILED 9   /* a: server marked down by passive checks, c: fails */
+#define RINGD_EV_SETUP_FAILED 10   /* err: errno, a: step */
+#define RINGD_EV_ACCEPT_ERROR 11   /* a: listener, err: errno (not a pause) */
+#define RINGD_EV_ORPHANED 12       /* the master went away; draining */
+#define RINGD_EV_ACCEPT_STOPPED 13 /* draining: no accept armed any more, listener fds closed */
+
+struct ringd_cmd {
+    uint32_t cmd;
+    uint32_t arg;
+};
+
+struct ringd_event {
+    uint32_t type;
+    int32_t err;
+    uint32_t a;
+    uint32_t b;
+    uint64_t c;
+};
+
+/* --------------------------------------------------------------- shm */
+
+struct ringd_shm_header {
+    uint32_t abi;
+    uint32_t generation;
+    uint32_t nworkers;
+    uint32_t nlisteners;
+    uint32_t nservers;
+    uint32_t log_ring_records;
+    uint64_t state_epoch;      /* bumped whenever a server's usability changes */
+};
+
+struct ringd_worker_shm {
+    uint64_t heartbeat;        /* bumped by the C loop on every tick */
+    int32_t pid;
+    uint32_t state;            /* RINGD_WS_* */
+    uint32_t ring_mode;        /* RINGD_RING_* */
+    uint32_t ring_flags;       /* IORING_SETUP_* obtained */
+    int32_t cpu;
+    uint32_t pipe_size;        /* current pipe size target */
+    uint64_t pipes_in_use;
+    uint64_t pipes_idle;
+    uint64_t pipes_created;
+    uint64_t pipes_failed;
+    uint64_t conns_active;     /* all listeners */
+    uint64_t loops;            /* event loop iterations */
+    uint64_t cqes;             /* completions handled */
+    uint64_t reserved[8];
+};
+
+struct ringd_listener_stats {
+    uint64_t accepted;
+    uint64_t active;
+    uint64_t closed[6];        /* RINGD_END_* */
+    uint64_t bytes_c2s;        /* client -> server */
+    uint64_t bytes_s2c;        /* server -> client */
+    uint64_t connect_errors;   /* failed connect attempts (each retry counts) */
+    uint64_t connect_timeouts;
+    uint64_t no_server;        /* clients closed because no server was usable */
+    uint64_t accept_pauses;
+    uint64_t accept_paused;    /* 1 while this worker's accept is paused */
+    uint64_t splice_bytes;
+    uint64_t copied_bytes;
+    uint64_t retries;          /* connects retried on another server */
+    uint64_t reserved[6];
+};
+
+struct ringd_server_shm {
+    uint32_t state;            /* RINGD_SRV_*, written by the master */
+    uint32_t weight;           /* effective weight, written by the master (0 = use config) */
+    int64_t active;            /* open connections, all workers (atomic) */
+    uint64_t connections;      /* connections established (atomic) */
+    uint64_t failures;         /* failed connects (atomic) */
+    uint64_t fail_window_start;/* ms, monotonic clock: passive check window */
+    uint32_t fail_window_count;
+    uint32_t passive_down;     /* 1 while marked down by passive checks */
+    uint64_t passive_down_since;  /* ms, monotonic */
+    uint64_t bytes_to;         /* bytes sent to the server (atomic) */
+    uint64_t bytes_from;       /* bytes received from the server (atomic) */
+    uint64_t reserved[4];
+};
+
+/* this worker's share of a server (the master subtracts it when the worker dies) */
+struct ringd_worker_server {
+    int64_t active;
+    uint64_t connections;
+};
+
+/* one access log record, written by the worker, read by the master */
+struct ringd_log_record {
+    uint64_t start_ns;         /* CLOCK_REALTIME */
+    uint64_t duration_us;
+    uint64_t bytes_c2s;
+    uint64_t bytes_s2c;
+    uint8_t client[28];        /* struct sockaddr_in or sockaddr_in6 */
+    uint32_t client_len;
+    int32_t server;            /* index, -1 if none */
+    uint16_t listener;
+    uint16_t end_reason;       /* RINGD_END_* */
+    int32_t err;
+};
+
+/* single producer (worker) single consumer (master) ring of records */
+struct ringd_log_ring {
+    uint64_t head;             /* written by the worker */
+    uint64_t tail;             /* written by the master */
+    uint64_t dropped;          /* records lost because the ring was full */
+    uint64_t reserved;
+};
+
+/* ------------------------------------------------------- worker config */
+
+struct ringd_listener_cfg {
+    int32_t fd;
+    uint32_t upstream;
+    uint32_t max_conns;        /* this worker's share */
+    uint32_t connect_timeout_ms;
+    uint32_t idle_timeout_ms;
+    uint32_t access_log;
+};
+
+struct ringd_upstream_cfg {
+    uint32_t first_server;
+    uint32_t nservers;
+    uint32_t balance;          /* RINGD_BAL_* */
+    uint32_t connect_retries;
+    uint32_t proxy_protocol;   /* 0, 1 or 2 */
+    uint32_t max_fails;        /* 0 = passive checks off */
+    uint32_t fail_timeout_ms;
+};
+
+struct ringd_server_cfg {
+    uint8_t addr[28];          /* sockaddr_in / sockaddr_in6 */
+    uint32_t addrlen;
+    uint32_t weight;
+    uint32_t backup;
+    uint32_t down;
+    uint32_t max_conns;        /* 0 = unlimited */
+    uint32_t upstream;
+};
+
+struct ringd_worker_cfg {
+    int32_t worker_id;
+    int32_t cpu;
+    uint32_t generation;
+    int32_t control_fd;
+    uint32_t sqpoll;           /* 0 or 1 */
+    uint32_t sq_thread_idle_ms;
+    uint32_t entries;
+    uint32_t pipe_size;
+    uint32_t pipe_pool;
+    uint32_t copy_buffer_size;
+    uint32_t splice_threshold;
+    uint32_t orphan_drain_ms;  /* drain deadline when the master vanishes */
+    uint32_t test_hooks;       /* 1: SIGUSR2 makes the loop stall (watchdog tests) */
+    uint32_t nlisteners;
+    uint32_t nupstreams;
+    uint32_t nservers;
+    uint32_t log_ring_records; /* capacity of each access log ring, power of two */
+    const struct ringd_listener_cfg *listeners;
+    const struct ringd_upstream_cfg *upstreams;
+    const struct ringd_server_cfg *servers;
+    struct ringd_shm_header *hdr;
+    struct ringd_worker_shm *shm;
+    struct ringd_listener_stats *lstats;      /* [nlisteners] of this worker */
+    struct ringd_server_shm *srv;             /* [nservers], shared */
+    struct ringd_worker_server *wsrv;         /* [nservers] of this worker */
+    struct ringd_log_ring *log_ring;          /* this worker's ring header */
+    struct ringd_log_record *log_records;     /* [log_ring_records] */
+};
+
+struct ringd_features {
+    uint32_t abi;
+    uint32_t liburing_major;
+    uint32_t liburing_minor;
+    uint32_t kernel_features;  /* io_uring_params.features of a probe ring */
+    uint32_t have_defer_taskrun;
+    uint32_t have_single_issuer;
+    uint32_t have_sqpoll;
+    uint32_t have_multishot_accept;
+    uint32_t have_splice;
+    uint32_t have_cqe_skip;
+};
+
+/* Run a worker until it is told to stop or has drained. Returns 0, or a
+ * negative errno if setup failed (nothing was accepted in that case). */
+int ringd_worker_run(const struct ringd_worker_cfg *cfg);
+
+/* Probe what the running kernel offers; fills *f. Returns 0 or -errno. */
+int ringd_probe(struct ringd_features *f);
+
+/* Helpers for tests and tooling. */
+uint64_t ringd_monotonic_ms(void);

@@ -1,0 +1,219 @@
+/*
+ * worker.c: ringd_worker_run(), the event loop of one worker.
+ *
+ * The loop is: submit what is queued and wait for at least one completion,
+ * handle every completion that is ready, advance the CQ once. Everything
+ * periodic (heartbeat, idle timeouts, resuming a paused accept, the drain
+ * deadline) hangs off one timer completion every RINGD_TICK_MS.
+ */
+#include "ringd.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CONN_SLACK 64           /* accepts that race a pause still get a slot */
+#define STOP_GRACE_MS 2000      /* stop: how long to wait for cancellations */
+
+static volatile sig_atomic_t stall_requested;
+
+static void on_sigusr2(int sig)
+{
+    (void)sig;
+    stall_requested = 1;
+}
+
+static void tick_arm(struct worker *w)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_timeout(sqe, &w->tick_ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_TICK, 0, 0, 0));
+    w->tick_armed = true;
+}
+
+static void on_tick(struct worker *w)
+{
+    w->tick_armed = false;
+    w->cfg->shm->heartbeat++;
+    conn_expire_idle(w);
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
+        listener_maybe_resume(w, li);
+    if (w->draining && !w->stopping && w->now_ms >= w->drain_deadline_ms) {
+        /* deadline: whatever is still open is closed and counted */
+        w->stopping = true;
+        conn_close_all(w, RINGD_END_DRAIN);
+        w->drain_deadline_ms = w->now_ms + STOP_GRACE_MS;
+    } else if (w->stopping && w->now_ms >= w->drain_deadline_ms + STOP_GRACE_MS) {
+        w->exit_loop = true;    /* something never completed: leave anyway */
+    }
+    if (w->cfail_pending && w->now_ms - w->cfail_last_ms >= 1000) {
+        event_send(w, RINGD_EV_CONNECT_FAIL, w->cfail_last_err, w->cfail_last_server, 0,
+                   w->cfail_pending);
+        w->cfail_pending = 0;
+        w->cfail_last_ms = w->now_ms;
+    }
+    tick_arm(w);
+}
+
+static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
+{
+    switch (ud_op(cqe->user_data)) {
+    case OP_ACCEPT:
+        on_accept(w, cqe);
+        break;
+    case OP_CTRL:
+        ctrl_on_cqe(w, cqe);
+        break;
+    case OP_TICK:
+        on_tick(w);
+        break;
+    case OP_ACCEPT_CANCEL:
+    case OP_CANCEL:
+    case OP_NOP:
+    case OP_NONE:
+        break;
+    default:
+        conn_on_cqe(w, cqe);
+        break;
+    }
+}
+
+static int worker_alloc(struct worker *w)
+{
+    const struct ringd_worker_cfg *cfg = w->cfg;
+    uint64_t total = CONN_SLACK;
+
+    for (uint32_t li = 0; li < cfg->nlisteners; li++)
+        total += cfg->listeners[li].max_conns;
+    if (total > 0x7fffff)
+        total = 0x7fffff;
+    w->nconns = (uint32_t)total;
+    /* calloc of a large table: pages are only touched as slots are used */
+    w->conns = calloc(w->nconns, sizeof(struct conn));
+    w->ls = calloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(struct listener_rt));
+    w->pipe_max = cfg->pipe_pool;
+    w->pipes = calloc(w->pipe_max ? w->pipe_max : 1, sizeof(struct pipe_ref));
+    w->buf_max = 256;
+    w->bufs = calloc(w->buf_max, sizeof(char *));
+    if (!w->conns || !w->ls || !w->pipes || !w->bufs)
+        return -ENOMEM;
+
+    /* free list in ascending order, so low slots (warm pages) are reused */
+    for (uint32_t s = 0; s < w->nconns; s++)
+        w->conns[s].next_free = s + 1 < w->nconns ? s + 1 : UINT32_MAX;
+    w->free_head = 0;
+
+    for (uint32_t li = 0; li < cfg->nlisteners; li++) {
+        struct listener_rt *l = &w->ls[li];
+        uint32_t ms = cfg->listeners[li].connect_timeout_ms;
+        l->fd = cfg->listeners[li].fd;
+        l->lru_head.lru_next = l->lru_head.lru_prev = &l->lru_head;
+        l->connect_ts.tv_sec = ms / 1000;
+        l->connect_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
+    }
+    if (balance_init(w) < 0)
+        return -ENOMEM;
+    return 0;
+}
+
+static void worker_free(struct worker *w)
+{
+    pipe_pool_drain(w);
+    buf_pool_drain(w);
+    balance_free(w);
+    free(w->conns);
+    free(w->ls);
+    free(w->pipes);
+    free(w->bufs);
+}
+
+int ringd_worker_run(const struct ringd_worker_cfg *cfg)
+{
+    struct worker w;
+    int ret;
+
+    memset(&w, 0, sizeof(w));
+    w.cfg = cfg;
+    w.ctrl_fd = cfg->control_fd;
+    w.pipe_size = cfg->pipe_size ? cfg->pipe_size : 1048576;
+    w.rng = (uint32_t)getpid() * 2654435761u | 1u;
+    w.now_ms = mono_ms();
+    w.tick_ts.tv_sec = 0;
+    w.tick_ts.tv_nsec = RINGD_TICK_MS * 1000000LL;
+
+    cfg->shm->pid = getpid();
+    cfg->shm->cpu = cfg->cpu;
+    cfg->shm->state = RINGD_WS_STARTING;
+    cfg->shm->pipe_size = w.pipe_size;
+
+    if (cfg->test_hooks) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = on_sigusr2;
+        sigaction(SIGUSR2, &sa, NULL);
+    }
+
+    ret = worker_alloc(&w);
+    if (ret < 0) {
+        event_send(&w, RINGD_EV_SETUP_FAILED, -ret, 1, 0, 0);
+        worker_free(&w);
+        return ret;
+    }
+    ret = ring_setup(&w);
+    if (ret < 0) {
+        event_send(&w, RINGD_EV_SETUP_FAILED, -ret, 2, 0, 0);
+        worker_free(&w);
+        return ret;
+    }
+    cfg->shm->ring_mode = w.ring_mode;
+    cfg->shm->ring_flags = w.ring_flags;
+
+    ctrl_arm(&w);
+    tick_arm(&w);
+    for (uint32_t li = 0; li < cfg->nlisteners; li++)
+        listener_arm(&w, li);
+    ret = io_uring_submit(&w.ring);
+    if (ret < 0) {
+        event_send(&w, RINGD_EV_SETUP_FAILED, -ret, 3, 0, 0);
+        io_uring_queue_exit(&w.ring);
+        worker_free(&w);
+        return ret;
+    }
+    cfg->shm->state = RINGD_WS_ACCEPTING;
+    event_send(&w, RINGD_EV_READY, 0, w.ring_mode, w.ring_flags, 0);
+
+    while (!w.exit_loop) {
+        ret = io_uring_submit_and_wait(&w.ring, 1);
+        if (stall_requested) {
+            /* test hook: behave like a wedged loop (no heartbeat, no I/O) */
+            for (;;)
+                pause();
+        }
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+            event_send(&w, RINGD_EV_SETUP_FAILED, -ret, 4, 0, 0);
+            break;
+        }
+        w.now_ms = mono_ms();
+
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+        io_uring_for_each_cqe(&w.ring, head, cqe) {
+            dispatch(&w, cqe);
+            n++;
+        }
+        io_uring_cq_advance(&w.ring, n);
+        cfg->shm->loops++;
+        cfg->shm->cqes += n;
+
+        if (w.draining && w.active == 0 && w.accept_armed_count == 0)
+            break;
+    }
+
+    cfg->shm->state = RINGD_WS_EXITED;
+    event_send(&w, RINGD_EV_EXITING, 0, 0, 0, w.closed_at_deadline);
+    io_uring_queue_exit(&w.ring);
+    worker_free(&w);
+    return 0;
+}

@@ -1,0 +1,137 @@
+"""The runtime control socket (a unix socket, mode 0660).
+
+One JSON request per connection, one JSON reply: {"cmd": "reload"} ->
+{"ok": false, "error": "..."}. The CLI (`ringd reload|stop|status|server`)
+talks to the master through it, so a rejected reload is reported to whoever
+asked for it. Reads are bounded in size and time: a stuck or hostile client
+cannot stall the master loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+
+MAX_REQUEST = 64 * 1024
+READ_TIMEOUT = 5.0
+
+
+class ControlServer:
+    def __init__(self, master, path: str):
+        self.master = master
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+        self.handlers: dict[str, object] = {
+            "reload": self._reload,
+            "stop": self._stop,
+            "status": self._status,
+            "ping": self._ping,
+        }
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._remove_stale()
+        self.server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                      limit=MAX_REQUEST)
+        os.chmod(self.path, 0o660)
+
+    def _remove_stale(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(17, f"{self.path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            try:
+                s.connect(self.path)
+            except OSError:
+                os.unlink(self.path)     # nobody answers: stale
+                return
+        raise OSError(98, f"{self.path} is in use by a running ringd")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self.server = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("request must be a JSON object")
+                handler = self.handlers.get(req.get("cmd"))
+                if handler is None:
+                    reply = {"ok": False, "error": f"unknown command {req.get('cmd')!r}"}
+                else:
+                    reply = await handler(req)
+            except ValueError as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ConnectionError, OSError,
+                asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _reload(self, req) -> dict:
+        ok, msg = await self.master.submit("reload")
+        return {"ok": ok, "message" if ok else "error": msg}
+
+    async def _stop(self, req) -> dict:
+        cmd = "fast_stop" if req.get("now") else "graceful_stop"
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(self.master.submit(cmd)))
+        return {"ok": True, "message": "stopping", "pid": os.getpid()}
+
+    async def _status(self, req) -> dict:
+        return {"ok": True, "status": self.master.status()}
+
+    async def _ping(self, req) -> dict:
+        return {"ok": True, "pid": os.getpid()}
+
+
+class ControlClientError(Exception):
+    pass
+
+
+def request(path: str, payload: dict, timeout: float = 60.0) -> dict:
+    """Send one request to a running master and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise ControlClientError(f"no control socket at {path} (is ringd running?)") from None
+        except OSError as e:
+            raise ControlClientError(f"cannot connect to {path}: {e.strerror or e}") from None
+        try:
+            s.sendall(json.dumps(payload).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            raise ControlClientError(f"no answer from {path} within {timeout:.0f}s") from None
+        except OSError as e:
+            raise ControlClientError(f"control socket {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(buf)
+    except ValueError:
+        raise ControlClientError(f"garbled answer from {path}") from None

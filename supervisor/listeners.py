@@ -1,0 +1,142 @@
+"""Listening sockets, owned by the master.
+
+One SO_REUSEPORT socket per listener per worker slot, so the kernel spreads
+connections over the workers. Sockets are keyed by (address, slot): a reload
+hands slot i of the new generation the very socket slot i of the old one used,
+so no listening socket is closed and no queued connection is lost. A socket is
+closed only when its listener or slot disappears, after the workers that
+accepted on it have stopped.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+from .config import Address, Config
+
+
+class BindError(Exception):
+    """A listening socket could not be created; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SocketKey:
+    family: int
+    ip: str
+    port: int
+    slot: int
+
+
+def _key(addr: Address, slot: int) -> SocketKey:
+    return SocketKey(addr.family, addr.ip, addr.port, slot)
+
+
+def bind_one(addr: Address, backlog: int) -> socket.socket:
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if addr.family == socket.AF_INET6:
+            # like nginx: [::]:80 does not also take 0.0.0.0:80
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # inherited by accepted sockets: no Nagle delay on forwarded writes
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(addr.sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ListenerSockets:
+    """Every listening socket the master holds, across generations."""
+
+    def __init__(self) -> None:
+        self._socks: dict[SocketKey, socket.socket] = {}
+        self._backlog: dict[SocketKey, int] = {}
+
+    def prepare(self, config: Config) -> tuple[dict[SocketKey, socket.socket], list[SocketKey]]:
+        """Bind whatever `config` needs that is not bound yet.
+
+        Returns (all sockets the config uses, keys newly bound). On any failure
+        the sockets bound by this call are closed again and BindError says which
+        listener and why; the sockets already in use are untouched.
+        """
+        wanted: dict[SocketKey, socket.socket] = {}
+        new: list[SocketKey] = []
+        try:
+            for li, lst in enumerate(config.listeners):
+                for slot in range(config.ringd.workers):
+                    k = _key(lst.listen, slot)
+                    sock = self._socks.get(k)
+                    if sock is None:
+                        try:
+                            sock = bind_one(lst.listen, lst.backlog)
+                        except OSError as e:
+                            raise BindError(_bind_message(li, lst.name, lst.listen, e)) from None
+                        self._socks[k] = sock
+                        self._backlog[k] = lst.backlog
+                        new.append(k)
+                    elif self._backlog[k] != lst.backlog:
+                        sock.listen(lst.backlog)   # listen() again resizes the queue
+                        self._backlog[k] = lst.backlog
+                    wanted[k] = sock
+        except BindError:
+            for k in new:
+                self._socks.pop(k).close()
+                self._backlog.pop(k, None)
+            raise
+        return wanted, new
+
+    def fds_for(self, config: Config, slot: int) -> list[int]:
+        return [self._socks[_key(lst.listen, slot)].fileno() for lst in config.listeners]
+
+    def all_fds(self) -> list[int]:
+        return [s.fileno() for s in self._socks.values()]
+
+    def retire(self, keep: set[SocketKey]) -> list[SocketKey]:
+        """Close every socket whose key is not in `keep`."""
+        gone = [k for k in self._socks if k not in keep]
+        for k in gone:
+            self._socks.pop(k).close()
+            self._backlog.pop(k, None)
+        return gone
+
+    def close_all(self) -> None:
+        self.retire(set())
+
+
+def keys_of(config: Config) -> set[SocketKey]:
+    return {_key(lst.listen, slot) for lst in config.listeners
+            for slot in range(config.ringd.workers)}
+
+
+def _bind_message(index: int, name: str, addr: Address, e: OSError) -> str:
+    reason = e.strerror or str(e)
+    hint = ""
+    if e.errno == errno.EADDRINUSE:
+        hint = " (another program is listening there)"
+    elif e.errno == errno.EACCES:
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        hint = " (no local interface has this address)"
+    return f"listener[{index}].listen: cannot listen on {addr} (listener \"{name}\"): {reason}{hint}"
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns the new (soft, hard)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+

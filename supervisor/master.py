@@ -1,0 +1,645 @@
+"""The master: owns config, sockets, shared memory and the workers.
+
+One asyncio loop, one thread. Signal handlers and control-socket requests only
+enqueue a command; a single task takes commands one at a time (reload, stop,
+reopen logs). Worker exits are noticed through pidfds, worker events through
+the control socketpairs, stalls through the heartbeat in shared memory.
+
+Generations: every successful reload starts generation G+1 next to G, waits
+until each new worker reports that it accepts, then tells G to drain. Several
+old generations may drain at once, up to ringd.max_draining_generations.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import config as config_mod
+from . import log, notify, pidfile
+from .config import Config, ConfigError
+from .listeners import BindError, ListenerSockets, keys_of, raise_nofile
+from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
+                     lib, server_table, sqpoll_wanted)
+
+READY_TIMEOUT = 15.0        # a new generation must accept within this
+STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
+KILL_AFTER_DRAIN = 5.0      # drain: SIGKILL this long past the deadline
+WATCHDOG_PERIOD = 0.5
+STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
+HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
+
+
+@dataclass
+class WorkerProc:
+    slot: int
+    cpu: int
+    gen: "Generation"
+    pid: int
+    pidfd: int
+    ctrl: socket.socket
+    state: str = "starting"     # starting, ready, draining, exited
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    ring_mode: str = ""
+    hb_value: int = -1
+    hb_changed: float = field(default_factory=time.monotonic)
+    accept_stopped: bool = False
+    killed: str = ""            # why we killed it, if we did
+    fail_reason: str = ""       # why it never became ready
+    ready: asyncio.Future | None = None
+
+
+@dataclass
+class SlotState:
+    crashes: int = 0
+    respawn: asyncio.TimerHandle | None = None
+    held_back: bool = False
+
+
+class Generation:
+    def __init__(self, number: int, cfg: Config):
+        self.number = number
+        self.config = cfg
+        self.servers = server_table(cfg)
+        self.shm = SharedState(number, cfg.ringd.workers, len(cfg.listeners), len(self.servers))
+        self.workers: list[WorkerProc | None] = [None] * cfg.ringd.workers
+        self.slots = [SlotState() for _ in range(cfg.ringd.workers)]
+        self.state = "starting"     # starting, active, draining, done
+        self.drain_started: float | None = None
+        self.socket_keys = keys_of(cfg)
+        self.fail_reasons: list[str] = []
+
+    def live(self) -> list[WorkerProc]:
+        return [w for w in self.workers if w is not None]
+
+
+class Master:
+    def __init__(self, config_path: str, cfg: Config, *, test_hooks: bool = False):
+        self.config_path = config_path
+        self.config = cfg
+        self.test_hooks = test_hooks
+        self.log = log.get()
+        self.sockets = ListenerSockets()
+        self.generations: list[Generation] = []
+        self.active: Generation | None = None
+        self.next_gen = 1
+        self.commands: asyncio.Queue = asyncio.Queue()
+        self.stopping = False
+        self.stop_event: asyncio.Event | None = None
+        self.exit_code = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reloads_ok = 0
+        self.reloads_rejected = 0
+        self.worker_restarts = 0
+        self.started_at = time.time()
+        self.pidfile_path = cfg.ringd.pidfile
+        self.control = None       # ringd.control.ControlServer
+        self.extras: list = []    # components with start()/stop() (health, admin)
+        self._pause_logged: dict[tuple, float] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        soft, hard = raise_nofile()
+        self.log.info("start", config=self.config_path, pid=os.getpid(),
+                      workers=self.config.ringd.workers, nofile=soft,
+                      sqpoll=sqpoll_wanted(self.config))
+        try:
+            pidfile.write(self.pidfile_path)
+        except pidfile.PidfileError as e:
+            self.log.error("start_failed", reason=str(e))
+            return 1
+        try:
+            return await self._run()
+        finally:
+            pidfile.remove(self.pidfile_path)
+
+    async def _run(self) -> int:
+        try:
+            self.sockets.prepare(self.config)
+        except BindError as e:
+            self.log.error("start_failed", reason=str(e))
+            return 1
+        for sig, cmd in ((signal.SIGHUP, "reload"), (signal.SIGQUIT, "graceful_stop"),
+                         (signal.SIGTERM, "fast_stop"), (signal.SIGINT, "fast_stop"),
+                         (signal.SIGUSR1, "reopen")):
+            self.loop.add_signal_handler(sig, self._on_signal, cmd)
+
+        from .control import ControlServer
+        self.control = ControlServer(self, self.config.ringd.control_socket)
+        try:
+            await self.control.start()
+        except OSError as e:
+            self.log.error("start_failed", reason=f"ringd.control_socket: cannot listen on "
+                                                  f"{self.config.ringd.control_socket}: {e.strerror}")
+            self.sockets.close_all()
+            return 1
+
+        gen = self._new_generation(self.config)
+        ok, reason = await self._wait_ready(gen)
+        if not ok:
+            self.log.error("start_failed", reason=reason)
+            await self._stop_all(fast=True)
+            await self.control.stop()
+            self.sockets.close_all()
+            return 1
+        self._activate(gen)
+        for extra in self.extras:
+            await extra.start()
+        self.log.info("ready", generation=gen.number, workers=len(gen.workers),
+                      listeners=[str(lst.listen) for lst in self.config.listeners])
+        notify.ready(self._status_line())
+
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await self._command_loop()
+        finally:
+            watchdog.cancel()
+            for extra in self.extras:
+                await extra.stop()
+            await self.control.stop()
+            self.sockets.close_all()
+        self.log.info("exit", code=self.exit_code)
+        return self.exit_code
+
+    def _on_signal(self, cmd: str) -> None:
+        # only enqueue: the command loop does the work
+        if cmd in ("graceful_stop", "fast_stop"):
+            self.stop_event.set()
+        self.commands.put_nowait((cmd, None))
+
+    async def _command_loop(self) -> None:
+        while True:
+            cmd, fut = await self.commands.get()
+            if cmd == "reload":
+                result = await self.reload()
+            elif cmd == "graceful_stop":
+                await self._stop_all(fast=False)
+                result = (True, "stopped")
+            elif cmd == "fast_stop":
+                await self._stop_all(fast=True)
+                result = (True, "stopped")
+            elif cmd == "reopen":
+                log.reopen()
+                self.log.info("logs_reopened", file=log.STREAM.path)
+                result = (True, "reopened")
+            else:
+                result = (False, f"unknown command {cmd}")
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+            if cmd in ("graceful_stop", "fast_stop"):
+                self._drain_queue()
+                return
+
+    def _drain_queue(self) -> None:
+        while not self.commands.empty():
+            _, fut = self.commands.get_nowait()
+            if fut is not None and not fut.done():
+                fut.set_result((False, "ringd is stopping"))
+
+    async def submit(self, cmd: str) -> tuple[bool, str]:
+        """Queue a command and wait for its outcome (control socket)."""
+        fut = self.loop.create_future()
+        if cmd in ("graceful_stop", "fast_stop"):
+            self.stop_event.set()
+        await self.commands.put((cmd, fut))
+        return await fut
+
+    # ------------------------------------------------------------ generations
+
+    def _new_generation(self, cfg: Config) -> Generation:
+        gen = Generation(self.next_gen, cfg)
+        self.next_gen += 1
+        self.generations.append(gen)
+        cpus = sorted(os.sched_getaffinity(0))
+        for slot in range(cfg.ringd.workers):
+            self._spawn(gen, slot, cpus[slot % len(cpus)])
+        return gen
+
+    def _activate(self, gen: Generation) -> None:
+        gen.state = "active"
+        self.active = gen
+        self.config = gen.config
+
+    async def _wait_ready(self, gen: Generation) -> tuple[bool, str]:
+        """Wait until every worker of `gen` reported READY (or failed)."""
+        futs = [w.ready for w in gen.live() if w.ready is not None]
+        everyone = asyncio.gather(*futs)
+        stop_wait = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait([everyone, stop_wait], timeout=READY_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        if all(f.done() and f.result() for f in futs):
+            return True, ""
+        if self.stop_event.is_set():
+            return False, "stop requested while workers were starting"
+        reasons = sorted(set(gen.fail_reasons))
+        if not reasons:
+            reasons = ["workers did not report ready within %.0fs" % READY_TIMEOUT]
+        return False, "; ".join(reasons)
+
+    def _spawn(self, gen: Generation, slot: int, cpu: int) -> WorkerProc:
+        from ringd.worker.main import WorkerSpec, child_main
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = WorkerSpec(slot=slot, cpu=cpu, generation=gen.number, config=gen.config,
+                          shm=gen.shm, listener_fds=self.sockets.fds_for(gen.config, slot),
+                          control_fd=child.fileno(), test_hooks=self.test_hooks)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log.STREAM.flush()
+        pid = os.fork()
+        if pid == 0:
+            child_main(spec)        # never returns
+        child.close()
+        parent.setblocking(False)
+        pidfd = os.pidfd_open(pid)
+        w = WorkerProc(slot=slot, cpu=cpu, gen=gen, pid=pid, pidfd=pidfd, ctrl=parent,
+                       ready=self.loop.create_future())
+        gen.workers[slot] = w
+        self.loop.add_reader(pidfd, self._on_worker_exit, w)
+        self.loop.add_reader(parent.fileno(), self._on_worker_event, w)
+        self.log.info("worker_spawn", worker=slot, gen=gen.number, pid=pid, cpu=cpu)
+        return w
+
+    def _send(self, w: WorkerProc, cmd: int, arg: int = 0) -> None:
+        try:
+            w.ctrl.send(encode_cmd(cmd, arg))
+        except OSError:
+            pass    # it is exiting; its exit is handled through the pidfd
+
+    def _drain_generation(self, gen: Generation, reason: str) -> None:
+        if gen.state in ("draining", "done"):
+            return
+        gen.state = "draining"
+        gen.drain_started = time.monotonic()
+        timeout = gen.config.ringd.drain_timeout
+        active = sum(gen.shm.worker(w.slot).conns_active for w in gen.live())
+        self.log.info("drain_start", gen=gen.number, reason=reason, workers=len(gen.live()),
+                      active=active, timeout=timeout)
+        for slot_state in gen.slots:
+            if slot_state.respawn is not None:
+                slot_state.respawn.cancel()
+                slot_state.respawn = None
+        for w in gen.live():
+            w.state = "draining"
+            self._send(w, lib.RINGD_CMD_DRAIN, int(timeout * 1000))
+            self.loop.call_later(timeout + KILL_AFTER_DRAIN, self._kill_if_alive, w,
+                                 "drain deadline passed")
+        self._check_generation_done(gen)
+
+    def _kill_if_alive(self, w: WorkerProc, why: str) -> None:
+        if w.state == "exited":
+            return
+        w.killed = why
+        self.log.warning("worker_kill", worker=w.slot, gen=w.gen.number, pid=w.pid, reason=why)
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _enforce_drain_bound(self) -> None:
+        draining = [g for g in self.generations if g.state == "draining"]
+        bound = self.config.ringd.max_draining_generations
+        while len(draining) > bound:
+            oldest = draining.pop(0)
+            self.log.warning("drain_cut_short", gen=oldest.number, bound=bound,
+                             active=sum(oldest.shm.worker(w.slot).conns_active
+                                        for w in oldest.live()))
+            for w in oldest.live():
+                self._send(w, lib.RINGD_CMD_STOP)
+                self.loop.call_later(STOP_GRACE, self._kill_if_alive, w, "stop timed out")
+
+    def _check_generation_done(self, gen: Generation) -> None:
+        if gen.state == "draining" and not gen.live():
+            gen.state = "done"
+            took = time.monotonic() - (gen.drain_started or time.monotonic())
+            self.log.info("drain_done", gen=gen.number, seconds=round(took, 3))
+            self._retire_generation(gen)
+        self._retire_sockets()
+
+    def _retire_generation(self, gen: Generation) -> None:
+        for extra in self.extras:
+            fold = getattr(extra, "fold_generation", None)
+            if fold:
+                fold(gen)
+        self.generations.remove(gen)
+        gen.shm.close()
+
+    def _retire_sockets(self) -> None:
+        """Close listening sockets no generation needs: only after every worker
+        that accepted on them has stopped accepting."""
+        keep: set = set()
+        for gen in self.generations:
+            if gen.state in ("starting", "active"):
+                keep |= gen.socket_keys
+                continue
+            for w in gen.live():
+                if not w.accept_stopped:
+                    keep |= {k for k in gen.socket_keys if k.slot == w.slot}
+        gone = self.sockets.retire(keep)
+        if gone:
+            self.log.info("listeners_closed", sockets=[f"{k.ip}:{k.port}#{k.slot}" for k in gone])
+
+    # ------------------------------------------------------------ events
+
+    def _on_worker_event(self, w: WorkerProc) -> None:
+        while True:
+            try:
+                data = w.ctrl.recv(EVENT_SIZE * 2)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.remove_reader(w.ctrl.fileno())
+                return
+            ev = decode_event(data)
+            if ev is not None:
+                self._handle_event(w, ev)
+
+    def _handle_event(self, w: WorkerProc, ev) -> None:
+        cfg = w.gen.config
+        ctx = {"worker": w.slot, "gen": w.gen.number, "pid": w.pid}
+        t = ev.type
+        if t == lib.RINGD_EV_READY:
+            w.ring_mode = RING_MODES.get(ev.a, str(ev.a))
+            if w.state == "starting":
+                w.state = "ready"
+            w.ready_at = time.monotonic()
+            self.log.info("worker_ready", ring=w.ring_mode, cpu=w.cpu, **ctx)
+            if w.ready is not None and not w.ready.done():
+                w.ready.set_result(True)
+        elif t == lib.RINGD_EV_ACCEPT_PAUSED:
+            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
+            reason = "max_connections" if ev.err == 0 else ev.error
+            key = (w.gen.number, w.slot, ev.a, ev.err)
+            now = time.monotonic()
+            if now - self._pause_logged.get(key, 0.0) >= 5.0:
+                self._pause_logged[key] = now
+                self.log.warning("accept_paused", listener=name, reason=reason, active=ev.b,
+                                 pauses=ev.c, **ctx)
+        elif t == lib.RINGD_EV_ACCEPT_RESUMED:
+            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
+            self.log.info("accept_resumed", listener=name, after=ev.error, **ctx)
+        elif t == lib.RINGD_EV_DRAINING:
+            self.log.info("worker_draining", active=ev.c, **ctx)
+        elif t == lib.RINGD_EV_ACCEPT_STOPPED:
+            w.accept_stopped = True
+            self._retire_sockets()
+        elif t == lib.RINGD_EV_EXITING:
+            if ev.c:
+                self.log.warning("worker_closed_connections", closed=ev.c, **ctx)
+        elif t == lib.RINGD_EV_NO_SERVER:
+            lst = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
+            up = cfg.upstreams[ev.b].name if ev.b < len(cfg.upstreams) else ev.b
+            self.log.warning("no_server", listener=lst, upstream=up, clients_closed=ev.c,
+                             last_error=ev.error or "no server available", **ctx)
+        elif t == lib.RINGD_EV_CONNECT_FAIL:
+            srv = w.gen.servers[ev.a] if ev.a < len(w.gen.servers) else None
+            self.log.warning("connect_failed", upstream=srv.upstream if srv else None,
+                             server=srv.name if srv else ev.a, error=ev.error, failures=ev.c,
+                             **ctx)
+        elif t == lib.RINGD_EV_SERVER_FAILED:
+            srv = w.gen.servers[ev.a] if ev.a < len(w.gen.servers) else None
+            self.log.warning("server_down", upstream=srv.upstream if srv else None,
+                             server=srv.name if srv else ev.a, reason="passive",
+                             error=ev.error, fails=ev.c, **ctx)
+            for extra in self.extras:
+                hook = getattr(extra, "on_passive_down", None)
+                if hook:
+                    hook(w.gen, ev.a)
+        elif t == lib.RINGD_EV_PIPE_SHRUNK:
+            self.log.warning("pipe_size_reduced", size=ev.a, error=ev.error,
+                             hint="raise fs.pipe-user-pages-soft or run as root", **ctx)
+        elif t == lib.RINGD_EV_SETUP_FAILED:
+            steps = {1: "allocating connection table", 2: "io_uring_setup",
+                     3: "first submit", 4: "io_uring_enter"}
+            reason = f"{steps.get(ev.a, 'setup')} failed: {ev.error}"
+            w.fail_reason = f"worker {w.slot}: {reason}"
+            self.log.error("worker_setup_failed", reason=reason, **ctx)
+        elif t == lib.RINGD_EV_ACCEPT_ERROR:
+            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
+            self.log.error("accept_error", listener=name, error=ev.error, **ctx)
+
+    def _on_worker_exit(self, w: WorkerProc) -> None:
+        self.loop.remove_reader(w.pidfd)
+        try:
+            _, status = os.waitpid(w.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = None
+        os.close(w.pidfd)
+        # read what it said last before closing the channel
+        self._on_worker_event(w)
+        try:
+            self.loop.remove_reader(w.ctrl.fileno())
+        except (ValueError, OSError):
+            pass
+        w.ctrl.close()
+        prev_state = w.state
+        w.state = "exited"
+        gen = w.gen
+        if gen.workers[w.slot] is w:
+            gen.workers[w.slot] = None
+        lost = gen.shm.forget_worker(w.slot)
+        if w.ready is not None and not w.ready.done():
+            w.fail_reason = w.fail_reason or f"worker {w.slot}: {_describe_exit(code)}"
+            gen.fail_reasons.append(w.fail_reason)
+            w.ready.set_result(False)
+
+        status = _describe_exit(code)
+        ctx = {"worker": w.slot, "gen": gen.number, "pid": w.pid, "cpu": w.cpu}
+        expected = self.stopping or gen.state in ("draining", "done") or prev_state == "draining"
+        if expected and not w.killed:
+            self.log.info("worker_exit", status=status, **ctx)
+        else:
+            self.log.error("worker_exit", status=status, unexpected=True,
+                           killed=w.killed or None, lost_connections=lost["connections_lost"],
+                           **ctx)
+            if gen.state == "active" and not self.stopping:
+                self._schedule_respawn(gen, w)
+        self._check_generation_done(gen)
+
+    def _schedule_respawn(self, gen: Generation, w: WorkerProc) -> None:
+        st = gen.slots[w.slot]
+        lived = time.monotonic() - (w.ready_at or w.started)
+        if w.ready_at is not None and lived >= STABLE_AFTER:
+            st.crashes = 0
+        st.crashes += 1
+        r = gen.config.ringd
+        delay = min(r.respawn_delay * (2 ** (st.crashes - 1)), r.respawn_delay_max)
+        if st.crashes >= HOLD_BACK_AFTER:
+            st.held_back = True
+            self.log.error("slot_held_back", worker=w.slot, gen=gen.number, crashes=st.crashes,
+                           retry_in=round(delay, 3),
+                           hint="this slot keeps crashing; see the worker_exit events above")
+        self.worker_restarts += 1
+        st.respawn = self.loop.call_later(delay, self._respawn, gen, w.slot, w.cpu)
+
+    def _respawn(self, gen: Generation, slot: int, cpu: int) -> None:
+        gen.slots[slot].respawn = None
+        if gen.state != "active" or self.stopping or gen.workers[slot] is not None:
+            return
+        w = self._spawn(gen, slot, cpu)
+        w.ready.add_done_callback(lambda f: self._respawned(gen, slot, f))
+
+    def _respawned(self, gen: Generation, slot: int, fut: asyncio.Future) -> None:
+        st = gen.slots[slot]
+        if fut.result() and st.held_back:
+            st.held_back = False
+            self.log.info("slot_recovered", worker=slot, gen=gen.number)
+
+    # ------------------------------------------------------------ watchdog
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            now = time.monotonic()
+            for gen in list(self.generations):
+                timeout = gen.config.ringd.watchdog_timeout
+                for w in gen.live():
+                    if w.state not in ("ready", "draining") or w.killed:
+                        continue
+                    hb = gen.shm.worker(w.slot).heartbeat
+                    if hb != w.hb_value:
+                        w.hb_value = hb
+                        w.hb_changed = now
+                    elif timeout > 0 and now - w.hb_changed > timeout:
+                        self.log.error("worker_stalled", worker=w.slot, gen=gen.number,
+                                       pid=w.pid, silent_for=round(now - w.hb_changed, 2))
+                        self._kill_if_alive(w, "watchdog: heartbeat stalled")
+            notify.status(self._status_line())
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self) -> tuple[bool, str]:
+        notify.reloading()
+        self.log.info("reload_start", config=self.config_path)
+        try:
+            ok, msg = await self._reload()
+        except Exception as e:  # never let a bug in reload take the master down
+            self.log.exception("reload_failed", error=repr(e))
+            ok, msg = False, f"internal error: {e!r}"
+        if ok:
+            self.reloads_ok += 1
+        else:
+            self.reloads_rejected += 1
+            self.log.error("reload_rejected", reason=msg, generation=self.active.number)
+        notify.ready(self._status_line())
+        return ok, msg
+
+    async def _reload(self) -> tuple[bool, str]:
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as e:
+            return False, str(e)
+        old_r = self.config.ringd
+        for key in ("pidfile", "control_socket"):
+            if getattr(new.ringd, key) != getattr(old_r, key):
+                self.log.warning("reload_ignored_key", key=f"ringd.{key}",
+                                 hint="takes effect after a restart")
+        try:
+            _, new_keys = self.sockets.prepare(new)
+        except BindError as e:
+            return False, str(e)
+
+        gen = self._new_generation(new)
+        ok, reason = await self._wait_ready(gen)
+        if not ok:
+            # never leave a half-started generation: drain what did start
+            gen.state = "active"   # so _drain_generation runs its course
+            self._drain_generation(gen, "reload failed")
+            self._retire_sockets()
+            return False, f"new workers failed: {reason}"
+        old = self.active
+        self._activate(gen)
+        for extra in self.extras:
+            hook = getattr(extra, "on_generation", None)
+            if hook:
+                hook(gen, old)
+        if old is not None:
+            self._drain_generation(old, "reload")
+        self._enforce_drain_bound()
+        if log.STREAM.path != new.ringd.log_file:
+            log.configure(new.ringd.log_format, new.ringd.log_level, new.ringd.log_file)
+        self.log.info("reload_ok", generation=gen.number, workers=len(gen.workers),
+                      draining=[g.number for g in self.generations if g.state == "draining"])
+        return True, f"generation {gen.number} running"
+
+    # ------------------------------------------------------------ stop
+
+    async def _stop_all(self, fast: bool) -> None:
+        self.stopping = True
+        self.stop_event.set()
+        notify.stopping()
+        timeout = STOP_GRACE if fast else self.config.ringd.drain_timeout + KILL_AFTER_DRAIN
+        self.log.info("stopping", mode="fast" if fast else "graceful",
+                      workers=sum(len(g.live()) for g in self.generations))
+        for gen in self.generations:
+            for st in gen.slots:
+                if st.respawn is not None:
+                    st.respawn.cancel()
+                    st.respawn = None
+            for w in gen.live():
+                if fast:
+                    self._send(w, lib.RINGD_CMD_STOP)
+                else:
+                    w.state = "draining"
+                    self._send(w, lib.RINGD_CMD_DRAIN, int(self.config.ringd.drain_timeout * 1000))
+        deadline = time.monotonic() + timeout
+        while any(g.live() for g in self.generations) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for gen in self.generations:
+            for w in gen.live():
+                self._kill_if_alive(w, "did not stop in time")
+        deadline = time.monotonic() + 2.0
+        while any(g.live() for g in self.generations) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for gen in list(self.generations):
+            gen.state = "draining"
+            self._check_generation_done(gen)
+
+    # ------------------------------------------------------------ status
+
+    def _status_line(self) -> str:
+        gen = self.active
+        if gen is None:
+            return "starting"
+        draining = [g.number for g in self.generations if g.state == "draining"]
+        live = len(gen.live())
+        text = f"generation {gen.number}: {live}/{len(gen.workers)} workers"
+        if draining:
+            text += f", draining generations {draining}"
+        return text
+
+    def status(self) -> dict:
+        from .status import collect
+        return collect(self)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return {0: "exit 0", 3: "exit 3 (native setup failed)", 4: "exit 4 (privilege drop failed)",
+            70: "exit 70 (crashed)"}.get(code, f"exit {code}")
+
+
+def run(config_path: str, cfg: Config, *, test_hooks: bool = False) -> int:
+    from setproctitle import setproctitle
+    setproctitle(f"ringd: master -c {config_path}")
+    master = Master(config_path, cfg, test_hooks=test_hooks)
+    return asyncio.run(master.run())

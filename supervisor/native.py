@@ -1,0 +1,322 @@
+"""The one Python module that touches ringd._native.
+
+It lays out the shared-memory segment of a generation, builds the C config a
+worker runs with, and decodes worker events. Struct offsets and sizes always
+come from cffi (``ffi.sizeof``/``ffi.offsetof``), never from hand-written
+numbers, so the C header stays the single source of truth.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from ringd._native import ffi, lib
+
+from .config import Config
+
+BALANCE = {
+    "round_robin": lib.RINGD_BAL_ROUND_ROBIN,
+    "least_conn": lib.RINGD_BAL_LEAST_CONN,
+    "hash": lib.RINGD_BAL_HASH,
+    "random": lib.RINGD_BAL_RANDOM,
+}
+RING_MODES = {
+    lib.RINGD_RING_SQPOLL: "sqpoll",
+    lib.RINGD_RING_DEFER_TASKRUN: "defer_taskrun",
+    lib.RINGD_RING_COOP_TASKRUN: "coop_taskrun",
+    lib.RINGD_RING_PLAIN: "plain",
+}
+WORKER_STATES = {
+    lib.RINGD_WS_STARTING: "starting",
+    lib.RINGD_WS_ACCEPTING: "accepting",
+    lib.RINGD_WS_DRAINING: "draining",
+    lib.RINGD_WS_EXITED: "exited",
+}
+END_REASONS = ("done", "reset", "timeout", "drain", "connect", "resource")
+SERVER_STATES = {
+    lib.RINGD_SRV_UP: "up",
+    lib.RINGD_SRV_DOWN: "down",
+    lib.RINGD_SRV_DRAIN: "drain",
+    lib.RINGD_SRV_MAINT: "maint",
+}
+
+EVENT_SIZE = ffi.sizeof("struct ringd_event")
+CMD_SIZE = ffi.sizeof("struct ringd_cmd")
+_ALIGN = 64
+DEFAULT_LOG_RECORDS = 4096
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+def sockaddr_bytes(family: int, ip: str, port: int) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 as the kernel wants them."""
+    if family == socket.AF_INET:
+        return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + \
+            socket.inet_pton(socket.AF_INET, ip) + bytes(8)
+    return struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", port, 0) + \
+        socket.inet_pton(socket.AF_INET6, ip) + struct.pack("=I", 0)
+
+
+def sockaddr_text(raw: bytes, length: int) -> str:
+    """Inverse of sockaddr_bytes, for logs: '1.2.3.4:5' or '[::1]:5'."""
+    if length < 2:
+        return "-"
+    (family,) = struct.unpack_from("=H", raw, 0)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    if family == socket.AF_INET:
+        return f"{socket.inet_ntop(socket.AF_INET, bytes(raw[4:8]))}:{port}"
+    if family == socket.AF_INET6:
+        return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raw[8:24]))}]:{port}"
+    return "-"
+
+
+@dataclass(frozen=True)
+class ServerRef:
+    """A server's place in a generation's flat server table."""
+    index: int
+    upstream: str
+    name: str
+
+
+class SharedState:
+    """The shared-memory segment of one generation (see ringd_api.h)."""
+
+    def __init__(self, generation: int, nworkers: int, nlisteners: int, nservers: int,
+                 log_records: int = DEFAULT_LOG_RECORDS):
+        assert log_records & (log_records - 1) == 0
+        self.generation = generation
+        self.nworkers = nworkers
+        self.nlisteners = nlisteners
+        self.nservers = nservers
+        self.log_capacity = log_records
+
+        s_hdr = ffi.sizeof("struct ringd_shm_header")
+        s_srv = ffi.sizeof("struct ringd_server_shm")
+        self._off_servers = _align(s_hdr)
+        self._off_workers = _align(self._off_servers + s_srv * nservers)
+        # inside a worker block
+        self._w_lstats = ffi.sizeof("struct ringd_worker_shm")
+        self._w_wsrv = self._w_lstats + ffi.sizeof("struct ringd_listener_stats") * nlisteners
+        self._w_ring = _align(self._w_wsrv + ffi.sizeof("struct ringd_worker_server") * nservers)
+        self._w_records = self._w_ring + ffi.sizeof("struct ringd_log_ring")
+        self._block = _align(self._w_records + ffi.sizeof("struct ringd_log_record") * log_records)
+        self.size = self._off_workers + self._block * nworkers
+
+        self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._base = ffi.cast("char *", ffi.from_buffer(self._mm))
+        hdr = self.header
+        hdr.abi = lib.RINGD_ABI_VERSION
+        hdr.generation = generation
+        hdr.nworkers = nworkers
+        hdr.nlisteners = nlisteners
+        hdr.nservers = nservers
+        hdr.log_ring_records = log_records
+
+    @property
+    def header(self):
+        return ffi.cast("struct ringd_shm_header *", self._base)
+
+    def server(self, s: int):
+        return ffi.cast("struct ringd_server_shm *",
+                        self._base + self._off_servers) + s
+
+    def _wbase(self, w: int):
+        assert 0 <= w < self.nworkers
+        return self._base + self._off_workers + self._block * w
+
+    def worker(self, w: int):
+        return ffi.cast("struct ringd_worker_shm *", self._wbase(w))
+
+    def lstats(self, w: int):
+        """Pointer to this worker's [nlisteners] listener stats."""
+        return ffi.cast("struct ringd_listener_stats *", self._wbase(w) + self._w_lstats)
+
+    def wsrv(self, w: int):
+        return ffi.cast("struct ringd_worker_server *", self._wbase(w) + self._w_wsrv)
+
+    def log_ring(self, w: int):
+        return ffi.cast("struct ringd_log_ring *", self._wbase(w) + self._w_ring)
+
+    def log_records(self, w: int):
+        return ffi.cast("struct ringd_log_record *", self._wbase(w) + self._w_records)
+
+    def bump_epoch(self) -> None:
+        self.header.state_epoch += 1
+
+    def forget_worker(self, w: int) -> dict:
+        """A worker died: its open connections are gone. Fold them into the
+        counters (as resets) and take its share out of the servers' active
+        counts, so the slot's respawn starts from a truthful state."""
+        lost = 0
+        st = self.lstats(w)
+        for li in range(self.nlisteners):
+            active = st[li].active
+            if active:
+                st[li].closed[lib.RINGD_END_RESET] += active
+                lost += active
+                st[li].active = 0
+            st[li].accept_paused = 0
+        ws = self.wsrv(w)
+        for s in range(self.nservers):
+            if ws[s].active:
+                self.server(s).active -= ws[s].active
+                ws[s].active = 0
+        wk = self.worker(w)
+        wk.conns_active = 0
+        wk.pipes_in_use = 0
+        wk.pipes_idle = 0
+        wk.state = lib.RINGD_WS_EXITED
+        return {"connections_lost": lost}
+
+    def close(self) -> None:
+        # cdata views keep the buffer exported; drop ours and let GC unmap
+        self._base = None
+        self._mm = None
+
+
+def server_table(config: Config) -> list[ServerRef]:
+    table = []
+    for up in config.upstreams:
+        for srv in up.servers:
+            table.append(ServerRef(len(table), up.name, srv.name))
+    return table
+
+
+def sqpoll_wanted(config: Config) -> bool:
+    """sqpoll = "auto": a poller thread only pays when it gets a CPU of its
+    own, i.e. when there are at least two CPUs per worker."""
+    if config.ring.sqpoll == "auto":
+        return 2 * config.ringd.workers <= len(os.sched_getaffinity(0))
+    return bool(config.ring.sqpoll)
+
+
+def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int,
+                     listener_fds: list[int], control_fd: int, test_hooks: bool = False):
+    """The struct ringd_worker_cfg for one worker, and the cdata objects that
+    must stay alive as long as the C loop runs (returned together)."""
+    keep = []
+    nl = len(config.listeners)
+    up_index = {u.name: i for i, u in enumerate(config.upstreams)}
+    nworkers = shm.nworkers
+
+    listeners = ffi.new("struct ringd_listener_cfg[]", max(nl, 1))
+    for i, lst in enumerate(config.listeners):
+        lc = listeners[i]
+        lc.fd = listener_fds[i]
+        lc.upstream = up_index[lst.upstream]
+        lc.max_conns = max(1, -(-lst.max_connections // nworkers))
+        lc.connect_timeout_ms = max(1, int(lst.connect_timeout * 1000))
+        lc.idle_timeout_ms = max(1, int(lst.idle_timeout * 1000))
+        lc.access_log = 1 if lst.access_log else 0
+
+    nsrv = sum(len(u.servers) for u in config.upstreams)
+    upstreams = ffi.new("struct ringd_upstream_cfg[]", max(len(config.upstreams), 1))
+    servers = ffi.new("struct ringd_server_cfg[]", max(nsrv, 1))
+    k = 0
+    for ui, up in enumerate(config.upstreams):
+        uc = upstreams[ui]
+        uc.first_server = k
+        uc.nservers = len(up.servers)
+        uc.balance = BALANCE[up.balance]
+        uc.connect_retries = up.connect_retries
+        uc.proxy_protocol = {"v1": 1, "v2": 2}.get(up.proxy_protocol or "", 0)
+        uc.max_fails = up.max_fails
+        uc.fail_timeout_ms = int(up.fail_timeout * 1000)
+        for srv in up.servers:
+            sc = servers[k]
+            raw = sockaddr_bytes(srv.address.family, srv.address.ip, srv.address.port)
+            ffi.memmove(sc.addr, raw, len(raw))
+            sc.addrlen = len(raw)
+            sc.weight = srv.weight
+            sc.backup = 1 if srv.backup else 0
+            sc.down = 1 if srv.down else 0
+            sc.max_conns = srv.max_connections
+            sc.upstream = ui
+            k += 1
+
+    ring = config.ring
+    cfg = ffi.new("struct ringd_worker_cfg *")
+    cfg.worker_id = slot
+    cfg.cpu = cpu
+    cfg.generation = shm.generation
+    cfg.control_fd = control_fd
+    cfg.sqpoll = 1 if sqpoll_wanted(config) else 0
+    cfg.sq_thread_idle_ms = int(ring.sq_thread_idle * 1000)
+    cfg.entries = ring.entries
+    cfg.pipe_size = ring.pipe_size
+    cfg.pipe_pool = ring.pipe_pool
+    cfg.copy_buffer_size = ring.copy_buffer_size
+    cfg.splice_threshold = ring.splice_threshold
+    cfg.orphan_drain_ms = int(min(config.ringd.drain_timeout, 3.0) * 1000)
+    cfg.test_hooks = 1 if test_hooks else 0
+    cfg.nlisteners = nl
+    cfg.nupstreams = len(config.upstreams)
+    cfg.nservers = nsrv
+    cfg.log_ring_records = shm.log_capacity
+    cfg.listeners = listeners
+    cfg.upstreams = upstreams
+    cfg.servers = servers
+    cfg.hdr = shm.header
+    cfg.shm = shm.worker(slot)
+    cfg.lstats = shm.lstats(slot)
+    cfg.srv = shm.server(0)
+    cfg.wsrv = shm.wsrv(slot)
+    cfg.log_ring = shm.log_ring(slot)
+    cfg.log_records = shm.log_records(slot)
+    keep.extend([listeners, upstreams, servers])
+    return cfg, keep
+
+
+def run_worker(cfg) -> int:
+    """Enter the C loop; returns 0 or a negative errno from setup."""
+    return lib.ringd_worker_run(cfg)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: int
+    err: int
+    a: int
+    b: int
+    c: int
+
+    @property
+    def error(self) -> str:
+        if not self.err:
+            return ""
+        return f"{errno.errorcode.get(self.err, self.err)}: {os.strerror(self.err)}"
+
+
+def decode_event(data: bytes) -> Event | None:
+    if len(data) < EVENT_SIZE:
+        return None
+    ev = ffi.from_buffer("struct ringd_event *", bytearray(data[:EVENT_SIZE]))
+    return Event(ev.type, ev.err, ev.a, ev.b, ev.c)
+
+
+def encode_cmd(cmd: int, arg: int = 0) -> bytes:
+    c = ffi.new("struct ringd_cmd *")
+    c.cmd = cmd
+    c.arg = max(0, min(int(arg), 0xFFFFFFFF))
+    return bytes(ffi.buffer(c))
+
+
+def probe() -> dict:
+    f = ffi.new("struct ringd_features *")
+    rc = lib.ringd_probe(f)
+    return {
+        "ok": rc == 0,
+        "error": os.strerror(-rc) if rc < 0 else "",
+        "liburing": f"{f.liburing_major}.{f.liburing_minor}",
+        "defer_taskrun": bool(f.have_defer_taskrun),
+        "single_issuer": bool(f.have_single_issuer),
+        "sqpoll": bool(f.have_sqpoll),
+        "splice": bool(f.have_splice),
+        "cqe_skip": bool(f.have_cqe_skip),
+    }

@@ -1,0 +1,68 @@
+"""What `ringd status` and GET /status show: read from the master's state
+and the generations' shared memory, never from the workers directly."""
+from __future__ import annotations
+
+import os
+import time
+
+from .native import END_REASONS, SERVER_STATES, WORKER_STATES
+
+
+def _listener_totals(gen, slot: int) -> dict:
+    st = gen.shm.lstats(slot)
+    tot = {"accepted": 0, "active": 0, "bytes_c2s": 0, "bytes_s2c": 0}
+    for li in range(gen.shm.nlisteners):
+        tot["accepted"] += st[li].accepted
+        tot["active"] += st[li].active
+        tot["bytes_c2s"] += st[li].bytes_c2s
+        tot["bytes_s2c"] += st[li].bytes_s2c
+    return tot
+
+
+def collect(master) -> dict:
+    gens = []
+    workers = []
+    for gen in master.generations:
+        gens.append({"generation": gen.number, "state": gen.state,
+                     "workers": len(gen.live())})
+        for slot in range(len(gen.workers)):
+            w = gen.workers[slot]
+            shm = gen.shm.worker(slot)
+            entry = {
+                "slot": slot,
+                "generation": gen.number,
+                "pid": w.pid if w else None,
+                "cpu": w.cpu if w else None,
+                "state": w.state if w else ("held back" if gen.slots[slot].held_back
+                                            else "respawning" if gen.state == "active"
+                                            else "exited"),
+                "ring": w.ring_mode if w else "",
+                "loop_state": WORKER_STATES.get(shm.state, str(shm.state)),
+                "heartbeat": shm.heartbeat,
+            }
+            entry.update(_listener_totals(gen, slot))
+            workers.append(entry)
+    servers = []
+    gen = master.active
+    if gen is not None:
+        for ref in gen.servers:
+            s = gen.shm.server(ref.index)
+            state = SERVER_STATES.get(s.state, str(s.state))
+            if s.passive_down and state == "up":
+                state = "down (passive)"
+            servers.append({"upstream": ref.upstream, "server": ref.name, "state": state,
+                            "weight": s.weight or None, "active": s.active,
+                            "connections": s.connections, "failures": s.failures})
+    return {
+        "pid": os.getpid(),
+        "config": master.config_path,
+        "generation": master.active.number if master.active else None,
+        "uptime": round(time.time() - master.started_at, 3),
+        "reloads_ok": master.reloads_ok,
+        "reloads_rejected": master.reloads_rejected,
+        "worker_restarts": master.worker_restarts,
+        "generations": gens,
+        "workers": workers,
+        "servers": servers,
+        "end_reasons": list(END_REASONS),
+    }

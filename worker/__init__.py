@@ -1,0 +1,1 @@
+"""The worker process: pin, title, drop privileges, run the C loop."""
