@@ -14,7 +14,8 @@
  *   random       two weighted random candidates, the less loaded one wins.
  *
  * Backup servers are used only while no primary is usable. Servers already
- * tried for this connection (connect retries) are skipped.
+ * tried for this connection (connect retries) are skipped. Servers marked
+ * down by passive checks alone are still tried when nothing else is left.
  */
 #include "ringd.h"
 
@@ -63,7 +64,7 @@ static bool srv_up(struct worker *w, const struct ringd_upstream_cfg *up, uint32
         return false;
     if (__atomic_load_n(&sh->state, __ATOMIC_RELAXED) != RINGD_SRV_UP)
         return false;
-    if (__atomic_load_n(&sh->passive_down, __ATOMIC_RELAXED) &&
+    if (!w->ignore_passive && __atomic_load_n(&sh->passive_down, __ATOMIC_RELAXED) &&
         w->now_ms - sh->passive_down_since < up->fail_timeout_ms)
         return false;
     return srv_weight(w, s) > 0;
@@ -238,7 +239,18 @@ int balance_pick(struct worker *w, struct conn *c)
     for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++)
         if (!w->cfg->servers[k].backup && srv_up(w, up, k))
             return -1;
-    return pick_pass(w, c, up, u, true);
+    s = pick_pass(w, c, up, u, true);
+    if (s >= 0)
+        return s;
+    /* Everything is marked failed by passive checks alone: try them anyway
+     * (as if unmarked), or a short blip of every server would become an
+     * outage of fail_timeout after they are back. */
+    w->ignore_passive = true;
+    s = pick_pass(w, c, up, u, false);
+    if (s < 0)
+        s = pick_pass(w, c, up, u, true);
+    w->ignore_passive = false;
+    return s;
 }
 
 /* Passive health: max_fails failed connects within fail_timeout mark the

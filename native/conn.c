@@ -107,15 +107,21 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     const struct ringd_listener_cfg *lc = &w->cfg->listeners[li];
     struct ringd_listener_stats *st = &w->cfg->lstats[li];
 
-    if (w->free_head == UINT32_MAX) {
+    struct conn *c;
+    if (w->free_head != UINT32_MAX) {
+        c = &w->conns[w->free_head];
+        w->free_head = c->next_free;
+    } else if (w->high_water < w->nconns) {
+        /* slots are handed out in order and only then recycled, so the table
+         * only touches as many pages as the peak number of connections */
+        c = &w->conns[w->high_water++];
+    } else {
         /* more completions than max_connections + slack: cannot track it */
         st->accepted++;
         st->closed[RINGD_END_RESOURCE]++;
         close(cfd);
         return;
     }
-    struct conn *c = &w->conns[w->free_head];
-    w->free_head = c->next_free;
 
     uint32_t gen = (c->gen + 1) & 0x7fffff;
     memset(c, 0, sizeof(*c));

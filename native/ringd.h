@@ -150,6 +150,10 @@ struct worker {
     struct conn *conns;
     uint32_t nconns;
     uint32_t free_head;     /* UINT32_MAX = none */
+    uint32_t high_water;    /* slots [0, high_water) have been used */
+    size_t conns_bytes;     /* size of the mapping behind conns */
+    uint64_t idle_since_ms; /* when the last connection closed */
+    bool trimmed;
     uint32_t active;
 
     struct listener_rt *ls;
@@ -183,6 +187,7 @@ struct worker {
     uint32_t accept_armed_count;
     bool accept_stopped;     /* draining and every accept cancelled */
     uint32_t rng;
+    bool ignore_passive;     /* balance: last resort pass */
 
     /* rate limited connect failure event */
     uint64_t cfail_pending;

@@ -12,10 +12,13 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <malloc.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define CONN_SLACK 64           /* accepts that race a pause still get a slot */
 #define STOP_GRACE_MS 2000      /* stop: how long to wait for cancellations */
+#define IDLE_TRIM_MS 1000       /* idle this long: give pooled memory and fds back */
 
 static volatile sig_atomic_t stall_requested;
 
@@ -33,9 +36,41 @@ static void tick_arm(struct worker *w)
     w->tick_armed = true;
 }
 
+/*
+ * With no connection open (so no completion can still name a slot), hand the
+ * connection table, the idle pipes and the copy buffers back: a worker that
+ * served a burst returns to the footprint it had before it.
+ */
+static void idle_trim(struct worker *w)
+{
+    if (w->active > 0) {
+        w->idle_since_ms = 0;
+        w->trimmed = false;
+        return;
+    }
+    if (w->trimmed)
+        return;
+    if (w->idle_since_ms == 0) {
+        w->idle_since_ms = w->now_ms;
+        return;
+    }
+    if (w->now_ms - w->idle_since_ms < IDLE_TRIM_MS)
+        return;
+    pipe_pool_drain(w);
+    buf_pool_drain(w);
+    if (w->high_water > 0) {
+        madvise(w->conns, w->conns_bytes, MADV_DONTNEED);
+        w->high_water = 0;
+        w->free_head = UINT32_MAX;
+    }
+    malloc_trim(0);
+    w->trimmed = true;
+}
+
 static void on_tick(struct worker *w)
 {
     w->tick_armed = false;
+    idle_trim(w);
     w->cfg->shm->heartbeat++;
     conn_expire_idle(w);
     for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
@@ -91,7 +126,13 @@ static int worker_alloc(struct worker *w)
         total = 0x7fffff;
     w->nconns = (uint32_t)total;
     /* calloc of a large table: pages are only touched as slots are used */
-    w->conns = calloc(w->nconns, sizeof(struct conn));
+    /* an anonymous mapping: pages are only touched as slots are used, and
+     * can be handed back to the kernel when the worker goes idle */
+    w->conns_bytes = (size_t)w->nconns * sizeof(struct conn);
+    w->conns = mmap(NULL, w->conns_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                    -1, 0);
+    if (w->conns == MAP_FAILED)
+        w->conns = NULL;
     w->ls = calloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(struct listener_rt));
     w->pipe_max = cfg->pipe_pool;
     w->pipes = calloc(w->pipe_max ? w->pipe_max : 1, sizeof(struct pipe_ref));
@@ -100,10 +141,8 @@ static int worker_alloc(struct worker *w)
     if (!w->conns || !w->ls || !w->pipes || !w->bufs)
         return -ENOMEM;
 
-    /* free list in ascending order, so low slots (warm pages) are reused */
-    for (uint32_t s = 0; s < w->nconns; s++)
-        w->conns[s].next_free = s + 1 < w->nconns ? s + 1 : UINT32_MAX;
-    w->free_head = 0;
+    w->free_head = UINT32_MAX;
+    w->high_water = 0;
 
     for (uint32_t li = 0; li < cfg->nlisteners; li++) {
         struct listener_rt *l = &w->ls[li];
@@ -123,7 +162,8 @@ static void worker_free(struct worker *w)
     pipe_pool_drain(w);
     buf_pool_drain(w);
     balance_free(w);
-    free(w->conns);
+    if (w->conns)
+        munmap(w->conns, w->conns_bytes);
     free(w->ls);
     free(w->pipes);
     free(w->bufs);

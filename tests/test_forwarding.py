@@ -1,0 +1,298 @@
+"""The forwarding core end to end: real ringd, real backends, loopback."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from harness import (Backend, Ringd, connect, duplex, echo_roundtrip, fd_count, free_port,
+                     free_ports, listener, proc_threads, recv_all, rss_kib, upstream, wait_for,
+                     cmdline)
+
+NCPU = len(os.sched_getaffinity(0))
+
+
+def _conf(port, servers, ring="", lopts=None, uopts=None):
+    return (f"[ring]\n{ring}\n" + listener("web", port, "app", **(lopts or {}))
+            + upstream("app", servers, **(uopts or {})))
+
+
+@pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
+def test_payloads_arrive_intact_both_directions(tmp_path, sqpoll):
+    """1 B to several MiB, both directions at once, half-close, on every worker."""
+    bport, port = free_ports(2)
+    with Backend("duplex", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring=f"sqpoll = {str(sqpoll).lower()}")
+        with Ringd(tmp_path, conf, workers=2) as r:
+            sizes = [(1, 1), (0, 1), (1, 0), (1000, 70000), (65536, 65536),
+                     (3 * 1024 * 1024 + 7, 1), (1, 3 * 1024 * 1024 + 11),
+                     (5 * 1024 * 1024, 5 * 1024 * 1024)]
+            for send_n, recv_n in sizes:
+                duplex(port, send_n, recv_n)
+            # keep connecting until the kernel's REUSEPORT hash has used both workers
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                st = r.status()
+                if all(w["accepted"] > 0 for w in st["workers"]):
+                    break
+                duplex(port, 4096, 4096)
+            st = r.status()
+            assert [w["accepted"] > 0 for w in st["workers"]] == [True, True], st["workers"]
+            modes = {w["ring"] for w in st["workers"]}
+            assert modes == {"sqpoll" if sqpoll else "defer_taskrun"}
+            # with 8 concurrent flows as well
+            with cf.ThreadPoolExecutor(8) as ex:
+                list(ex.map(lambda n: duplex(port, n * 300000 + 1, n * 200000 + 3), range(8)))
+            r.assert_no_traceback()
+
+
+@pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
+def test_workers_pinned_titled_and_ring_threads(tmp_path, sqpoll):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring=f"sqpoll = {str(sqpoll).lower()}")
+        with Ringd(tmp_path, conf, workers=2) as r:
+            assert cmdline(r.pid).startswith(f"ringd: master -c {r.conf}")
+            st = r.status()
+            cpus = sorted(os.sched_getaffinity(0))
+            for w in st["workers"]:
+                pid, slot = w["pid"], w["slot"]
+                cpu = cpus[slot % len(cpus)]
+                assert w["cpu"] == cpu
+                assert os.sched_getaffinity(pid) == {cpu}
+                assert cmdline(pid) == f"ringd: worker {slot} [gen 1] cpu {cpu}"
+                sq = [t for t in proc_threads(pid) if t.startswith("iou-sqp")]
+                assert len(sq) == (1 if sqpoll else 0), proc_threads(pid)
+            assert echo_roundtrip(port, b"ping") == b"ping"
+
+
+def test_thousand_concurrent_connections_and_return_to_idle(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"])
+        with Ringd(tmp_path, conf, workers=2) as r:
+            pids = r.worker_pids()
+            echo_roundtrip(port, b"warm")
+            time.sleep(1.5)           # let the warm-up connection's pool be trimmed
+            idle_fds = {p: fd_count(p) for p in pids}
+            idle_rss = {p: rss_kib(p) for p in pids}
+
+            socks = []
+            try:
+                for i in range(1000):
+                    socks.append(connect(port, timeout=20))
+                for i, s in enumerate(socks):
+                    s.sendall(b"%06d" % i)
+                for i, s in enumerate(socks):
+                    got = b""
+                    while len(got) < 6:
+                        chunk = s.recv(6 - len(got))
+                        assert chunk, f"connection {i} closed early"
+                        got += chunk
+                    assert got == b"%06d" % i
+                st = r.status()
+                assert sum(w["active"] for w in st["workers"]) == 1000
+            finally:
+                for s in socks:
+                    s.close()
+            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 0, 15,
+                     what="all connections closed")
+            # pools are handed back after a second of idleness
+            wait_for(lambda: all(fd_count(p) <= idle_fds[p] for p in pids), 10,
+                     what=f"fd count back to idle {idle_fds}")
+            wait_for(lambda: all(rss_kib(p) <= idle_rss[p] + 2048 for p in pids), 10,
+                     what=f"RSS back near idle {idle_rss}")
+            assert r.worker_pids() == pids
+            r.assert_no_traceback()
+
+
+def test_dead_first_server_is_skipped(tmp_path):
+    dead, live, port = free_ports(3)
+    with Backend("id", [live]):
+        conf = _conf(port, [f"127.0.0.1:{dead}", f"127.0.0.1:{live}"],
+                     uopts={"connect_retries": 2, "max_fails": 0})
+        with Ringd(tmp_path, conf, workers=1) as r:
+            for _ in range(20):
+                s = connect(port)
+                line = s.recv(64)
+                s.close()
+                assert line == f"ID {live}\n".encode()
+            st = r.status()
+            dead_srv = [s for s in st["servers"] if s["server"].endswith(f":{dead}")][0]
+            assert dead_srv["failures"] >= 1
+            r.wait_event("connect_failed")
+
+
+def test_all_servers_dead_closes_client_promptly(tmp_path):
+    d1, d2, port = free_ports(3)
+    conf = _conf(port, [f"127.0.0.1:{d1}", f"127.0.0.1:{d2}"])
+    with Ringd(tmp_path, conf, workers=1) as r:
+        t0 = time.monotonic()
+        s = connect(port, timeout=5)
+        s.sendall(b"hello")
+        try:
+            data = s.recv(10)
+        except ConnectionResetError:
+            data = b""
+        took = time.monotonic() - t0
+        s.close()
+        assert data == b""
+        assert took < 1.0, took
+        ev = r.wait_event("no_server")[0]
+        assert ev["upstream"] == "app" and ev["listener"] == "web"
+        st = r.status()
+        assert sum(s["failures"] for s in st["servers"]) >= 2
+        # the worker keeps serving once a server is back
+        with Backend("echo", [d1]):
+            assert echo_roundtrip(port, b"x") == b"x"
+
+
+def _assert_serving(port: int):
+    assert echo_roundtrip(port, b"still here") == b"still here"
+
+
+def test_client_reset_ends_only_its_connection(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1) as r:
+            pids = r.worker_pids()
+            other = connect(port)
+            other.sendall(b"a")
+            assert other.recv(1) == b"a"
+            victim = connect(port)
+            victim.sendall(b"b" * 100000)
+            victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            victim.close()
+            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 1, 5,
+                     what="reset connection gone")
+            other.sendall(b"c")
+            assert other.recv(1) == b"c"
+            other.close()
+            _assert_serving(port)
+            assert r.worker_pids() == pids
+
+
+def test_backend_reset_ends_only_its_connection(tmp_path):
+    eport, rport, p1, p2 = free_ports(4)
+    with Backend("echo", [eport]), Backend("reset", [rport]):
+        conf = (listener("ok", p1, "good") + listener("bad", p2, "bad")
+                + upstream("good", [f"127.0.0.1:{eport}"]) + upstream("bad", [f"127.0.0.1:{rport}"]))
+        with Ringd(tmp_path, conf, workers=1) as r:
+            pids = r.worker_pids()
+            other = connect(p1)
+            other.sendall(b"a")
+            assert other.recv(1) == b"a"
+            victim = connect(p2)
+            victim.sendall(b"x")
+            try:
+                assert victim.recv(10) == b""
+            except ConnectionResetError:
+                pass
+            victim.close()
+            other.sendall(b"c")
+            assert other.recv(1) == b"c"
+            other.close()
+            _assert_serving(p1)
+            assert r.worker_pids() == pids
+
+
+def test_idle_timeout_closes_idle_connection(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], lopts={"idle_timeout": "600ms"})
+        with Ringd(tmp_path, conf, workers=1) as r:
+            busy = connect(port)
+            idle = connect(port)
+            idle.sendall(b"i")
+            assert idle.recv(1) == b"i"
+            t0 = time.monotonic()
+            # keep `busy` active past the idle timeout
+            for _ in range(8):
+                busy.sendall(b"b")
+                assert busy.recv(1) == b"b"
+                time.sleep(0.15)
+            idle.settimeout(5)
+            try:
+                assert idle.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            took = time.monotonic() - t0
+            assert 0.4 < took < 3.0, took
+            busy.sendall(b"z")
+            assert busy.recv(1) == b"z"
+            busy.close()
+            idle.close()
+            _assert_serving(port)
+
+
+def test_connect_timeout_ends_only_its_connection(tmp_path):
+    """A server whose accept queue is full drops SYNs: the connect times out."""
+    port, bport = free_ports(2)
+    black = socket.socket()
+    black.bind(("127.0.0.1", 0))
+    black.listen(0)
+    bh = black.getsockname()[1]
+    fillers = []
+    try:
+        # fill the accept queue so further SYNs are dropped
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", bh))
+            except BlockingIOError:
+                pass
+            fillers.append(f)
+        time.sleep(0.2)
+        with Backend("echo", [bport]):
+            conf = (listener("slow", port, "hole", connect_timeout="300ms")
+                    + upstream("hole", [f"127.0.0.1:{bh}"], connect_retries=1, max_fails=0))
+            p2 = free_port()
+            conf += listener("ok", p2, "good") + upstream("good", [f"127.0.0.1:{bport}"])
+            with Ringd(tmp_path, conf, workers=1) as r:
+                pids = r.worker_pids()
+                s = connect(port, timeout=10)
+                t0 = time.monotonic()
+                try:
+                    assert s.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+                took = time.monotonic() - t0
+                s.close()
+                # one attempt of 300 ms: retries go to other servers, there is none
+                assert 0.25 < took < 2.0, took
+                _assert_serving(p2)
+                assert r.worker_pids() == pids
+                ev = r.wait_event("connect_failed")[0]
+                assert "ETIMEDOUT" in ev["error"]
+    finally:
+        for f in fillers:
+            f.close()
+        black.close()
+
+
+def test_max_connections_stops_accepting_without_dropping(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], lopts={"max_connections": 3})
+        with Ringd(tmp_path, conf, workers=1) as r:
+            held = [connect(port) for _ in range(3)]
+            for s in held:
+                s.sendall(b"h")
+                assert s.recv(1) == b"h"
+            # the 4th sits in the kernel's queue: connected, but not served
+            extra = connect(port)
+            extra.sendall(b"q")
+            extra.settimeout(0.5)
+            with pytest.raises(socket.timeout):
+                extra.recv(1)
+            r.wait_event("accept_paused")
+            held[0].close()
+            extra.settimeout(5)
+            assert extra.recv(1) == b"q"      # served once a slot was free
+            for s in held[1:] + [extra]:
+                s.close()
