@@ -53,13 +53,25 @@ def _peek(path: str | None) -> dict:
     if not path:
         path = DEFAULT_CONFIG
     try:
-        import tomllib
         with open(path, "rb") as f:
-            data = tomllib.load(f)
-        section = data.get("ringd", {})
+            raw = f.read()
+    except OSError:
+        return {}
+    try:
+        import tomllib
+        section = tomllib.loads(raw.decode("utf-8", "replace")).get("ringd", {})
         return section if isinstance(section, dict) else {}
     except Exception:
-        return {}
+        pass
+    # unparsable now (that may be why we are reloading): pick the two keys
+    # we need line by line
+    import re
+    found = {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        m = re.match(r'\s*(pidfile|control_socket|drain_timeout)\s*=\s*"([^"]*)"', line)
+        if m and m.group(1) not in found:
+            found[m.group(1)] = m.group(2)
+    return found
 
 
 def _locate(args) -> tuple[str, str]:
@@ -149,13 +161,14 @@ def cmd_stop(args) -> int:
         limit = (_parse_duration(str(drain)) or 30.0) + 15.0
     except Exception:
         limit = 45.0
-    deadline = time.monotonic() + (10.0 if args.now else limit)
+    wait = 10.0 if args.now else limit
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not pidfile.alive(pid):
             print(f"ringd (pid {pid}) stopped")
             return 0
         time.sleep(0.05)
-    _err(f"ringd (pid {pid}) still running after {deadline:.0f}s")
+    _err(f"ringd (pid {pid}) still running after {wait:.0f}s")
     return 1
 
 

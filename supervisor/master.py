@@ -585,6 +585,8 @@ class Master:
         self.log.info("stopping", mode="fast" if fast else "graceful",
                       workers=sum(len(g.live()) for g in self.generations))
         for gen in self.generations:
+            if gen.drain_started is None:
+                gen.drain_started = time.monotonic()
             for st in gen.slots:
                 if st.respawn is not None:
                     st.respawn.cancel()

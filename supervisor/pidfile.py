@@ -26,13 +26,19 @@ def read(path: str) -> int | None:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def is_ringd(pid: int) -> bool:

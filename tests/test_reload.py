@@ -1,0 +1,423 @@
+"""Reload, drain and supervision: real signals against a real master."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from harness import (Backend, Ringd, children_of_any, cmdline, connect, duplex, echo_roundtrip,
+                     free_port, free_ports, listener, upstream, wait_for)
+
+
+def _conf(port, servers, lopts=None):
+    return listener("web", port, "app", **(lopts or {})) + upstream("app", servers)
+
+
+class ShortClients:
+    """Threads opening short echo connections in a loop; counts failures."""
+
+    def __init__(self, port: int, n: int = 4):
+        self.port = port
+        self.n = n
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(n)]
+        self._lock = threading.Lock()
+
+    def _run(self, i: int) -> None:
+        k = 0
+        while not self._stop.is_set() and k < 100000:
+            k += 1
+            msg = b"%d-%d" % (i, k)
+            try:
+                got = echo_roundtrip(self.port, msg, timeout=10)
+                if got != msg:
+                    raise AssertionError(f"got {got!r} want {msg!r}")
+                with self._lock:
+                    self.ok += 1
+            except Exception as e:  # recorded, asserted by the test
+                with self._lock:
+                    self.failures.append(f"{type(e).__name__}: {e}")
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(20)
+
+
+class LongStreams:
+    """Streams that exchange data for a while (duplex, hashed both ways)."""
+
+    def __init__(self, port: int, n: int = 3, size: int = 40 * 1024 * 1024):
+        self.port = port
+        self.errors: list[str] = []
+        self.done = 0
+        self._threads = [threading.Thread(target=self._run, args=(size + i,), daemon=True)
+                         for i in range(n)]
+
+    def _run(self, size: int) -> None:
+        try:
+            duplex(self.port, size, size, timeout=60)
+            self.done += 1
+        except Exception as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def __exit__(self, *exc):
+        self.join(60)
+
+
+def test_twenty_reloads_under_load_drop_nothing(tmp_path):
+    eport, dport, p_short, p_long = free_ports(4)
+    with Backend("echo", [eport]), Backend("duplex", [dport]):
+        conf = (listener("short", p_short, "echo") + listener("long", p_long, "dup")
+                + upstream("echo", [f"127.0.0.1:{eport}"]) + upstream("dup", [f"127.0.0.1:{dport}"]))
+        with Ringd(tmp_path, conf, workers=2, extra_ringd='drain_timeout = "60s"\n') as r:
+            master = r.pid
+            with ShortClients(p_short, 4) as sc, LongStreams(p_long, 3) as ls:
+                time.sleep(0.3)
+                for i in range(20):
+                    r.signal(signal.SIGHUP)
+                    time.sleep(0.5)
+                r.wait_event("reload_ok", count=20, timeout=30)
+                time.sleep(0.5)
+            ls.join(90)
+            assert sc.failures == [], sc.failures[:5]
+            assert sc.ok > 100, sc.ok
+            assert ls.errors == [] and ls.done == 3, ls.errors
+            assert r.proc.poll() is None and r.pid == master
+            assert r.events("reload_rejected") == []
+            # every old generation drains away
+            wait_for(lambda: [g["generation"] for g in r.status()["generations"]] == [21], 30,
+                     what="only generation 21 left")
+            assert len(children_of_any(master)) == 2
+            r.assert_no_traceback()
+
+
+def test_reload_changes_servers_old_connections_keep_theirs(tmp_path):
+    a, b, port = free_ports(3)
+    with Backend("id", [a]), Backend("id", [b]):
+        with Ringd(tmp_path, _conf(port, [f"127.0.0.1:{a}"]), workers=2) as r:
+            old = connect(port)
+            assert old.recv(64) == f"ID {a}\n".encode()
+            r.write_config(_conf(port, [f"127.0.0.1:{b}"]))
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 0, res.stderr
+            assert "generation 2" in res.stdout
+            for _ in range(10):
+                s = connect(port)
+                assert s.recv(64) == f"ID {b}\n".encode()
+                s.close()
+            # the old connection still talks to its old server
+            old.sendall(b"still a")
+            got = b""
+            while len(got) < 7:
+                got += old.recv(64)
+            assert got == b"still a"
+            old.close()
+            wait_for(lambda: len(r.status()["generations"]) == 1, 15, what="gen 1 drained")
+
+
+@pytest.mark.parametrize("breakage", ["bad_value", "unparsable", "port_in_use", "missing_upstream"])
+def test_broken_reload_is_rejected_and_old_workers_keep_serving(tmp_path, breakage):
+    bport, port, busy_port = free_ports(3)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", busy_port))
+    busy.listen(1)
+    try:
+        with Backend("echo", [bport]):
+            good = _conf(port, [f"127.0.0.1:{bport}"])
+            with Ringd(tmp_path, good, workers=2) as r:
+                pids = sorted(r.worker_pids())
+                if breakage == "bad_value":
+                    r.write_config(good.replace('upstream = "app"', 'upstream = "app"\nbacklog = -5'))
+                    want = ["listener[0].backlog"]
+                elif breakage == "unparsable":
+                    r.write_config(good + "\n[[listener]\nname = \n")
+                    n = r.conf.read_text().splitlines().index("[[listener]") + 1
+                    want = [f"ringd.toml:{n}: TOML syntax error"]
+                elif breakage == "missing_upstream":
+                    r.write_config(good + listener("x", free_port(), "nope"))
+                    want = ["listener[1].upstream"]
+                else:
+                    r.write_config(good + listener("x", busy_port, "app"))
+                    want = ["listener[1].listen", "Address already in use"]
+                res = r.cli("reload", "-c", str(r.conf))
+                assert res.returncode == 1
+                assert "reload rejected" in res.stderr
+                for w in want:
+                    assert w in res.stderr, res.stderr
+                assert "Traceback" not in res.stderr
+                ev = r.wait_event("reload_rejected")[0]
+                for w in want:
+                    assert w in ev["reason"]
+                # SIGHUP takes the same path
+                r.signal(signal.SIGHUP)
+                r.wait_event("reload_rejected", count=2)
+                assert sorted(r.worker_pids()) == pids
+                assert r.status()["generation"] == 1
+                assert echo_roundtrip(port, b"alive") == b"alive"
+                r.assert_no_traceback()
+                # and a fixed file reloads fine afterwards
+                r.write_config(good)
+                assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+    finally:
+        busy.close()
+
+
+def test_killed_worker_is_replaced_on_same_cpu(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2) as r:
+            st = r.status()
+            victim = st["workers"][0]
+            survivor = st["workers"][1]
+            with ShortClients(port, 2) as sc:
+                time.sleep(0.3)
+                t0 = time.monotonic()
+                os.kill(victim["pid"], signal.SIGKILL)
+
+                def replaced():
+                    ws = r.status()["workers"]
+                    w0 = ws[0]
+                    return w0["pid"] not in (None, victim["pid"]) and w0["state"] == "ready" and w0
+                neww = wait_for(replaced, 5, what="worker 0 replaced")
+                took = time.monotonic() - t0
+                time.sleep(0.5)
+            assert took < 2.0, took
+            assert neww["cpu"] == victim["cpu"]
+            assert os.sched_getaffinity(neww["pid"]) == {victim["cpu"]}
+            assert r.status()["workers"][1]["pid"] == survivor["pid"]
+            # connections on the surviving worker never failed; the killed
+            # worker's own in-flight connections may have
+            assert len(sc.failures) <= 2, sc.failures
+            ev = r.wait_event("worker_exit")[0]
+            assert ev["unexpected"] is True and "SIGKILL" in ev["status"]
+            assert r.status()["worker_restarts"] == 1
+
+
+def test_killed_master_takes_workers_with_it(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2)
+        r.start()
+        try:
+            pids = r.worker_pids()
+            os.kill(r.pid, signal.SIGKILL)
+            r.proc.wait(5)
+            wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
+                                     "ringd" in cmdline(p) for p in pids), 6,
+                     what="orphaned workers gone")
+        finally:
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            r.stop()
+
+
+def test_quit_lets_a_stream_finish_then_exits_zero(tmp_path):
+    dport, port = free_ports(2)
+    with Backend("duplex", [dport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{dport}"]), workers=1,
+                  extra_ringd='drain_timeout = "20s"\n')
+        r.start()
+        try:
+            result: list = []
+
+            def stream():
+                try:
+                    s = connect(port, timeout=30)
+                    import struct
+                    from harness import pattern, recv_all
+                    import hashlib
+                    s.sendall(struct.pack("!Q", 1000))
+                    # keep sending slowly for ~1.5 s after QUIT arrives
+                    data = pattern(300000, seed=1)
+                    for off in range(0, len(data), 20000):
+                        s.sendall(data[off:off + 20000])
+                        time.sleep(0.1)
+                    s.shutdown(socket.SHUT_WR)
+                    got = recv_all(s)
+                    s.close()
+                    result.append(got[1000:] == hashlib.sha256(data).digest())
+                except Exception as e:
+                    result.append(e)
+            t = threading.Thread(target=stream, daemon=True)
+            t.start()
+            time.sleep(0.3)
+            r.signal(signal.SIGQUIT)
+            r.wait_event("stopping", timeout=5, mode="graceful")
+            t.join(30)
+            assert result == [True], result
+            assert r.wait_exit(25) == 0
+            assert not os.path.exists(r.pidfile)
+        finally:
+            r.stop()
+
+
+def test_term_exits_fast_even_with_open_connections(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2,
+                  extra_ringd='drain_timeout = "60s"\n')
+        r.start()
+        try:
+            held = [connect(port) for _ in range(5)]
+            for s in held:
+                s.sendall(b"x")
+                assert s.recv(1) == b"x"
+            pids = r.worker_pids()
+            t0 = time.monotonic()
+            r.signal(signal.SIGTERM)
+            assert r.wait_exit(5) == 0
+            assert time.monotonic() - t0 < 2.0
+            for p in pids:
+                assert not os.path.exists(f"/proc/{p}") or "ringd" not in cmdline(p)
+            for s in held:
+                s.close()
+        finally:
+            r.stop()
+
+
+def test_watchdog_replaces_a_stalled_worker(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2,
+                  extra_ringd='watchdog_timeout = "1s"\n', test_hooks=True)
+        with r:
+            victim = r.status()["workers"][1]
+            os.kill(victim["pid"], signal.SIGUSR2)     # test hook: the C loop wedges
+            ev = r.wait_event("worker_stalled", timeout=10)[0]
+            assert ev["pid"] == victim["pid"]
+
+            def replaced():
+                w = r.status()["workers"][1]
+                return w["pid"] not in (None, victim["pid"]) and w["state"] == "ready"
+            wait_for(replaced, 5, what="stalled worker replaced")
+            assert echo_roundtrip(port, b"ok") == b"ok"
+
+
+def test_reload_changes_worker_count_and_listeners(tmp_path):
+    bport, p1, p2 = free_ports(3)
+    with Backend("echo", [bport]):
+        base = listener("a", p1, "app") + upstream("app", [f"127.0.0.1:{bport}"])
+        with Ringd(tmp_path, base, workers=2) as r:
+            r.workers = 1
+            r.write_config(listener("b", p2, "app") + upstream("app", [f"127.0.0.1:{bport}"]))
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 0, res.stderr
+            assert echo_roundtrip(p2, b"new") == b"new"
+            st = r.status()
+            assert len([w for w in st["workers"] if w["generation"] == st["generation"]]) == 1
+            wait_for(lambda: len(r.status()["generations"]) == 1, 15, what="gen 1 gone")
+            # the removed listener's sockets are closed
+            r.wait_event("listeners_closed")
+            with pytest.raises(ConnectionRefusedError):
+                connect(p1, timeout=2)
+
+
+def test_draining_generations_are_bounded(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1,
+                  extra_ringd='drain_timeout = "60s"\nmax_draining_generations = 2\n')
+        with r:
+            held = []
+            for _ in range(4):
+                s = connect(port)
+                s.sendall(b"h")
+                assert s.recv(1) == b"h"
+                held.append(s)
+                assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            # 4 reloads with a held connection each: at most 2 generations drain
+            wait_for(lambda: len([g for g in r.status()["generations"]
+                                  if g["state"] == "draining"]) <= 2, 10, what="drain bound")
+            assert r.events("drain_cut_short")
+            for s in held:
+                s.close()
+
+
+def test_cli_check_status_second_start_and_stale_pidfile(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2)
+        res = r.cli("check", "-c", str(r.conf))
+        assert res.returncode == 0 and "ok" in res.stdout
+        # a stale pidfile (dead pid) is replaced
+        r.pidfile.write_text("999999\n")
+        with r:
+            assert int(r.pidfile.read_text()) == r.pid
+            res = r.cli("start", "-c", str(r.conf), timeout=20)
+            assert res.returncode == 1
+            assert "already running" in res.stdout + res.stderr
+            res = r.cli("status", "-c", str(r.conf))
+            assert res.returncode == 0
+            assert f"master pid {r.pid}" in res.stdout
+            assert res.stdout.count("ready") == 2
+            import json
+            res = r.cli("status", "-c", str(r.conf), "--json")
+            st = json.loads(res.stdout)
+            assert len(st["workers"]) == 2
+            res = r.cli("stop", "-c", str(r.conf))
+            assert res.returncode == 0, res.stderr
+            assert r.wait_exit(10) == 0
+        res = r.cli("reload", "-c", str(r.conf))
+        assert res.returncode == 1
+        assert "no control socket" in res.stderr and "no running master" in res.stderr
+
+
+def test_sd_notify_protocol(tmp_path):
+    bport, port = free_ports(2)
+    nsock = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(nsock))
+    srv.settimeout(10)
+    msgs: list[str] = []
+
+    def collect_until(pred, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msgs.append(srv.recv(4096).decode())
+            except socket.timeout:
+                break
+            if pred():
+                return
+        raise AssertionError(f"notify messages: {msgs}")
+    try:
+        with Backend("echo", [bport]):
+            r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1,
+                      env={"NOTIFY_SOCKET": str(nsock)})
+            with r:
+                collect_until(lambda: any("READY=1" in m for m in msgs))
+                r.signal(signal.SIGHUP)
+                collect_until(lambda: sum("READY=1" in m for m in msgs) >= 2)
+                rel = [m for m in msgs if "RELOADING=1" in m]
+                assert rel and "MONOTONIC_USEC=" in rel[0]
+                assert msgs.index(rel[0]) < max(i for i, m in enumerate(msgs) if "READY=1" in m)
+                r.signal(signal.SIGTERM)
+                collect_until(lambda: any("STOPPING=1" in m for m in msgs))
+                assert any("STATUS=" in m for m in msgs)
+    finally:
+        srv.close()
