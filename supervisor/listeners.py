@@ -58,8 +58,10 @@ class ListenerSockets:
         self._socks: dict[SocketKey, socket.socket] = {}
         self._backlog: dict[SocketKey, int] = {}
 
-    def prepare(self, config: Config) -> tuple[dict[SocketKey, socket.socket], list[SocketKey]]:
-        """Bind whatever `config` needs that is not bound yet.
+    def prepare(self, config: Config, slots: list[int] | None = None
+                ) -> tuple[dict[SocketKey, socket.socket], list[SocketKey]]:
+        """Bind whatever `config` needs (for `slots`, default all) that is not
+        bound yet.
 
         Returns (all sockets the config uses, keys newly bound). On any failure
         the sockets bound by this call are closed again and BindError says which
@@ -69,7 +71,7 @@ class ListenerSockets:
         new: list[SocketKey] = []
         try:
             for li, lst in enumerate(config.listeners):
-                for slot in range(config.ringd.workers):
+                for slot in (range(config.ringd.workers) if slots is None else slots):
                     k = _key(lst.listen, slot)
                     sock = self._socks.get(k)
                     if sock is None:

@@ -32,6 +32,7 @@ KILL_AFTER_DRAIN = 5.0      # drain: SIGKILL this long past the deadline
 WATCHDOG_PERIOD = 0.5
 STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
 HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
+RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
 
 
 @dataclass
@@ -73,6 +74,13 @@ class Generation:
         self.drain_started: float | None = None
         self.socket_keys = keys_of(cfg)
         self.fail_reasons: list[str] = []
+        # slots whose worker stays down for a while: their listening sockets
+        # are closed so the kernel stops queueing connections nobody accepts
+        # (with net.ipv4.tcp_migrate_req=1 the queued ones move to the others)
+        self.released_slots: set[int] = set()
+
+    def keys_in_use(self) -> set:
+        return {k for k in self.socket_keys if k.slot not in self.released_slots}
 
     def live(self) -> list[WorkerProc]:
         return [w for w in self.workers if w is not None]
@@ -111,6 +119,11 @@ class Master:
         self.log.info("start", config=self.config_path, pid=os.getpid(),
                       workers=self.config.ringd.workers, nofile=soft,
                       sqpoll=sqpoll_wanted(self.config))
+        if _sysctl("net/ipv4/tcp_migrate_req") == "0":
+            self.log.info("hint", setting="net.ipv4.tcp_migrate_req=0",
+                          hint="set it to 1 so that connections queued on a listening socket "
+                               "that closes (fewer workers, a removed listener) move to the "
+                               "remaining sockets instead of being reset")
         try:
             pidfile.write(self.pidfile_path)
         except pidfile.PidfileError as e:
@@ -142,6 +155,7 @@ class Master:
             self.sockets.close_all()
             return 1
 
+        from .health import HealthChecker; self.extras.append(HealthChecker(self))
         gen = self._new_generation(self.config)
         ok, reason = await self._wait_ready(gen)
         if not ok:
@@ -340,7 +354,7 @@ class Master:
         keep: set = set()
         for gen in self.generations:
             if gen.state in ("starting", "active"):
-                keep |= gen.socket_keys
+                keep |= gen.keys_in_use()
                 continue
             for w in gen.live():
                 if not w.accept_stopped:
@@ -484,11 +498,27 @@ class Master:
                            hint="this slot keeps crashing; see the worker_exit events above")
         self.worker_restarts += 1
         st.respawn = self.loop.call_later(delay, self._respawn, gen, w.slot, w.cpu)
+        if (delay >= RELEASE_SLOT_AFTER or st.held_back) and w.slot not in gen.released_slots:
+            gen.released_slots.add(w.slot)
+            self.log.warning("slot_sockets_released", worker=w.slot, gen=gen.number,
+                             hint="its connections go to the other workers until it is back")
+            self._retire_sockets()
 
     def _respawn(self, gen: Generation, slot: int, cpu: int) -> None:
         gen.slots[slot].respawn = None
         if gen.state != "active" or self.stopping or gen.workers[slot] is not None:
             return
+        if slot in gen.released_slots:
+            try:
+                self.sockets.prepare(gen.config, slots=[slot])
+            except BindError as e:
+                delay = gen.config.ringd.respawn_delay_max
+                self.log.error("respawn_bind_failed", worker=slot, gen=gen.number, reason=str(e),
+                               retry_in=delay)
+                gen.slots[slot].respawn = self.loop.call_later(delay, self._respawn, gen, slot,
+                                                               cpu)
+                return
+            gen.released_slots.discard(slot)
         w = self._spawn(gen, slot, cpu)
         w.ready.add_done_callback(lambda f: self._respawned(gen, slot, f))
 
@@ -626,6 +656,14 @@ class Master:
     def status(self) -> dict:
         from .status import collect
         return collect(self)
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{name}", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _describe_exit(code: int | None) -> str:

@@ -421,3 +421,52 @@ def test_sd_notify_protocol(tmp_path):
                 assert any("STATUS=" in m for m in msgs)
     finally:
         srv.close()
+
+
+def test_crash_looping_slot_is_held_back_and_recovers(tmp_path):
+    bport, port = free_ports(2)
+    crash = tmp_path / "crash-now"
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2, test_hooks=True,
+                  extra_ringd='respawn_delay = "50ms"\nrespawn_delay_max = "800ms"\n',
+                  env={"RINGD_TEST_CRASH_FILE": str(crash)})
+        with r:
+            victim = r.status()["workers"][1]
+            crash.write_text("1")
+            os.kill(victim["pid"], signal.SIGKILL)
+            ev = r.wait_event("slot_held_back", timeout=15)[0]
+            assert ev["worker"] == 1
+            # backing off, not burning CPU: a handful of exits, not hundreds
+            time.sleep(2)
+            exits = len([e for e in r.events("worker_exit") if e.get("worker") == 1])
+            assert 5 <= exits <= 12, exits
+            # slot 0 kept serving all along
+            assert echo_roundtrip(port, b"ok") == b"ok"
+            crash.unlink()
+            r.wait_event("slot_recovered", timeout=10, worker=1)
+            wait_for(lambda: r.status()["workers"][1]["state"] == "ready", 5, what="slot 1 up")
+
+
+def test_usr1_reopens_the_log_file(tmp_path):
+    bport, port = free_ports(2)
+    logf = tmp_path / "out" / "ringd.log"
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1,
+                  extra_ringd=f'log_file = "{logf}"\n')
+        r.start(wait=False)
+        try:
+            wait_for(lambda: logf.exists() and '"event": "ready"' in logf.read_text(), 20,
+                     what="ready in log_file")
+            rotated = logf.with_suffix(".log.1")
+            os.rename(logf, rotated)
+            r.signal(signal.SIGUSR1)
+            wait_for(lambda: logf.exists() and "logs_reopened" in logf.read_text(), 10,
+                     what="log reopened")
+            r.signal(signal.SIGHUP)
+            wait_for(lambda: "reload_ok" in logf.read_text(), 20, what="reload logged in new file")
+            assert "reload_ok" not in rotated.read_text()
+            import json
+            for line in logf.read_text().splitlines():
+                json.loads(line)
+        finally:
+            r.stop()

@@ -21,6 +21,7 @@ EXIT_OK = 0
 EXIT_SETUP = 3        # the native loop could not start (errno logged)
 EXIT_PRIVS = 4        # could not drop privileges
 EXIT_CRASH = 70       # unexpected Python exception
+EXIT_CRASH_HOOK = 99  # test hook (RINGD_TEST_CRASH_FILE)
 
 
 @dataclass
@@ -92,6 +93,11 @@ def run(spec: WorkerSpec) -> int:
         setproctitle(f"ringd: worker {spec.slot} [gen {spec.generation}] cpu {spec.cpu}")
     except Exception:  # a cosmetic failure must not stop the worker
         pass
+
+    crash_file = os.environ.get("RINGD_TEST_CRASH_FILE") if spec.test_hooks else None
+    if crash_file and os.path.exists(crash_file):
+        # test hook: a worker that dies at start while the file exists
+        return EXIT_CRASH_HOOK
 
     cfg_r = spec.config.ringd
     try:
