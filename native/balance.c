@@ -234,11 +234,17 @@ int balance_pick(struct worker *w, struct conn *c)
     int s = pick_pass(w, c, up, u, false);
     if (s >= 0)
         return s;
-    /* backups only while no primary is up (tried or full primaries still
-     * count as up: the client is not sent to a backup because of them) */
-    for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++)
-        if (!w->cfg->servers[k].backup && srv_up(w, up, k))
+    /* backups only while no primary is up. A full primary still counts as
+     * up (load alone does not send a client to a backup), but one this
+     * connection already tried does not: it just failed to connect, and a
+     * retry after the last primary refused must reach a backup rather than
+     * close the client before the health check has noticed. */
+    for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++) {
+        uint32_t rel = k - up->first_server;
+        bool tried = rel < 32 && (c->tried_mask & (1u << rel));
+        if (!w->cfg->servers[k].backup && !tried && srv_up(w, up, k))
             return -1;
+    }
     s = pick_pass(w, c, up, u, true);
     if (s >= 0)
         return s;

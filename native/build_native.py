@@ -9,7 +9,8 @@ import subprocess
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "listener.c", "conn.c", "pipes.c", "balance.c", "control.c", "worker.c"]
+SOURCES = ["ring.c", "listener.c", "conn.c", "pipes.c", "bufring.c", "balance.c", "control.c",
+           "worker.c"]
 
 
 def _liburing_version():

@@ -384,6 +384,18 @@ static void count_bytes(struct worker *w, struct conn *c, unsigned i, uint32_t n
         st->copied_bytes += n;
 }
 
+/* Give a direction's copy buffer back (to the buffer ring's stack or the pool). */
+static void dir_buf_release(struct worker *w, struct dir *d)
+{
+    if (!d->buf)
+        return;
+    if (w->br)
+        bufring_release(w, d->bid);
+    else
+        buf_put(w, d->buf);
+    d->buf = NULL;
+}
+
 /* FIN forwarded: the direction is finished. */
 static void dir_shut(struct worker *w, struct conn *c, unsigned i)
 {
@@ -394,8 +406,7 @@ static void dir_shut(struct worker *w, struct conn *c, unsigned i)
     d->flags |= DF_SHUT;
     shutdown(d->dst, SHUT_WR);
     pipe_put(w, &d->pipe, d->in_pipe > 0);
-    buf_put(w, d->buf);
-    d->buf = NULL;
+    dir_buf_release(w, d);
     if ((c->d[0].flags & DF_SHUT) && (c->d[1].flags & DF_SHUT))
         conn_close(w, c, RINGD_END_DONE, 0);
 }
@@ -429,6 +440,16 @@ static void dir_read(struct worker *w, struct conn *c, unsigned i)
     if (d->mode == DM_COPY) {
         if (d->buf_len > d->buf_off)
             return;           /* still writing the last chunk */
+        if (w->br) {
+            struct io_uring_sqe *sqe = get_sqe(w);
+            io_uring_prep_recv(sqe, d->src, NULL, w->br_size, 0);
+            sqe->flags |= IOSQE_BUFFER_SELECT;
+            sqe->buf_group = RINGD_BGID;
+            io_uring_sqe_set_data64(sqe, ud(w, c, OP_RECV, i));
+            d->flags |= DF_IN_BUSY;
+            c->inflight++;
+            return;
+        }
         if (!d->buf) {
             /* idle: wait for data without holding a buffer */
             sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, false);
@@ -510,12 +531,11 @@ static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
     }
     if (d->bytes >= w->cfg->splice_threshold) {
         d->mode = DM_SPLICE;
-        buf_put(w, d->buf);
-        d->buf = NULL;
-    } else if (!(d->flags & DF_FULL_READ)) {
-        /* a message, not a stream: wait for the next one holding no buffer */
-        buf_put(w, d->buf);
-        d->buf = NULL;
+        dir_buf_release(w, d);
+    } else if (w->br || !(d->flags & DF_FULL_READ)) {
+        /* with a buffer ring the kernel picks a buffer when data arrives;
+         * without one, a message (not a stream) waits holding no buffer */
+        dir_buf_release(w, d);
     }
     dir_read(w, c, i);
 }
@@ -621,11 +641,16 @@ static void on_splice_out(struct worker *w, struct conn *c, unsigned i, int res)
     conn_close(w, c, RINGD_END_RESET, -res);
 }
 
-static void on_recv(struct worker *w, struct conn *c, unsigned i, int res)
+static void on_recv(struct worker *w, struct conn *c, unsigned i, int res, uint32_t cflags)
 {
     struct dir *d = &c->d[i];
 
     d->flags &= ~DF_IN_BUSY;
+    if (cflags & IORING_CQE_F_BUFFER) {
+        bufring_consumed(w);
+        d->bid = (uint16_t)(cflags >> IORING_CQE_BUFFER_SHIFT);
+        d->buf = bufring_addr(w, d->bid);
+    }
     if (c->state != CS_FORWARDING)
         return;
     if (res > 0) {
@@ -642,9 +667,12 @@ static void on_recv(struct worker *w, struct conn *c, unsigned i, int res)
     }
     if (res == 0) {
         d->flags |= DF_EOF;
-        buf_put(w, d->buf);
-        d->buf = NULL;
+        dir_buf_release(w, d);
         dir_check_eof(w, c, i);
+        return;
+    }
+    if (res == -ENOBUFS && w->br) {
+        bufring_wait(w, ud(w, c, OP_RECV, i));
         return;
     }
     if (res == -EAGAIN || res == -EINTR) {
@@ -652,6 +680,18 @@ static void on_recv(struct worker *w, struct conn *c, unsigned i, int res)
         return;
     }
     on_read_error(w, c, -res);
+}
+
+/* A recv that found the buffer ring empty, now that buffers are back. */
+void conn_retry_recv(struct worker *w, uint64_t token)
+{
+    uint32_t slot = ud_slot(token);
+    if (slot >= w->nconns)
+        return;
+    struct conn *c = &w->conns[slot];
+    if (c->state != CS_FORWARDING || c->gen != ud_gen(token))
+        return;
+    dir_read(w, c, ud_dir(token));
 }
 
 static void on_send(struct worker *w, struct conn *c, unsigned i, int res)
@@ -718,7 +758,7 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
         on_splice_out(w, c, i, cqe->res);
         break;
     case OP_RECV:
-        on_recv(w, c, i, cqe->res);
+        on_recv(w, c, i, cqe->res, cqe->flags);
         break;
     case OP_SEND:
         on_send(w, c, i, cqe->res);
@@ -799,8 +839,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
     struct ringd_listener_stats *st = lstats_of(w, c);
     for (unsigned i = 0; i < 2; i++) {
         pipe_put(w, &c->d[i].pipe, c->d[i].in_pipe > 0);
-        buf_put(w, c->d[i].buf);
-        c->d[i].buf = NULL;
+        dir_buf_release(w, &c->d[i]);
     }
     close(c->cfd);
     if (c->sfd >= 0)

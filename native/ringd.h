@@ -20,6 +20,7 @@
 #include "ringd_api.h"
 
 #define RINGD_TICK_MS 100
+#define RINGD_BGID 1          /* buffer group of the copy path */
 
 /* ------------------------------------------------------------ user_data */
 
@@ -88,6 +89,7 @@ struct dir {
     struct pipe_ref pipe;   /* rfd < 0 when no pipe is held */
     uint32_t in_pipe;       /* bytes sitting in the pipe */
     char *buf;              /* copy mode buffer (NULL while idle) */
+    uint16_t bid;           /* its id in the buffer ring, if it came from there */
     uint32_t buf_len;       /* bytes in buf */
     uint32_t buf_off;       /* bytes of buf already sent */
     uint64_t bytes;         /* bytes read from src */
@@ -165,9 +167,23 @@ struct worker {
     uint32_t pipe_size;
     bool pipe_shrunk_reported;
 
-    /* copy buffers: a simple free list of copy_buffer_size blocks */
+    /* copy buffers: a simple free list of copy_buffer_size blocks (used
+     * only where the kernel has no buffer rings) */
     char **bufs;
     uint32_t nbufs, buf_max;
+
+    /* provided buffer ring (bufring.c) */
+    struct io_uring_buf_ring *br;
+    bool br_registered;
+    char *br_region;
+    size_t br_region_bytes;
+    uint32_t br_size, br_max;
+    uint16_t *br_free;      /* LIFO stack of free buffer ids */
+    uint32_t br_nfree;
+    uint32_t br_posted;     /* buffers in the ring, not yet taken by a recv */
+    uint32_t br_target;
+    uint64_t *br_wait;      /* recvs that found the ring empty (user_data tokens) */
+    uint32_t br_nwait, br_wait_cap;
 
     /* control channel */
     int ctrl_fd;
@@ -211,6 +227,17 @@ char *buf_get(struct worker *w);
 void buf_put(struct worker *w, char *b);
 void buf_pool_drain(struct worker *w);
 
+/* bufring.c */
+int bufring_setup(struct worker *w);
+void bufring_free(struct worker *w);
+char *bufring_addr(struct worker *w, uint16_t bid);
+void bufring_refill(struct worker *w);
+void bufring_consumed(struct worker *w);
+void bufring_release(struct worker *w, uint16_t bid);
+void bufring_wait(struct worker *w, uint64_t token);
+void bufring_service(struct worker *w);
+void bufring_trim(struct worker *w);
+
 /* listener.c */
 void listener_arm(struct worker *w, uint32_t li);
 void listener_pause(struct worker *w, uint32_t li, int err);
@@ -225,6 +252,7 @@ void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
 void conn_expire_idle(struct worker *w);
 void lru_touch(struct worker *w, struct conn *c);
+void conn_retry_recv(struct worker *w, uint64_t token);
 
 /* balance.c */
 int balance_init(struct worker *w);

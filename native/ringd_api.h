@@ -119,7 +119,11 @@ struct ringd_worker_shm {
     uint64_t conns_active;     /* all listeners */
     uint64_t loops;            /* event loop iterations */
     uint64_t cqes;             /* completions handled */
-    uint64_t reserved[8];
+    uint64_t buf_waits;        /* copy-path recvs that found no free buffer */
+    uint64_t bufs_posted;      /* buffers in the provided buffer ring */
+    uint32_t copy_mode;        /* 1: buffer ring, 2: poll + pooled buffer */
+    uint32_t reserved32;
+    uint64_t reserved[5];
 };
 
 struct ringd_listener_stats {
@@ -224,8 +228,8 @@ struct ringd_worker_cfg {
     uint32_t pipe_size;
     uint32_t pipe_pool;
     uint32_t copy_buffer_size;
-    uint32_t splice_threshold;
     uint32_t orphan_drain_ms;  /* drain deadline when the master vanishes */
+    uint64_t splice_threshold; /* bytes a direction copies before it splices */
     uint32_t test_hooks;       /* 1: SIGUSR2 makes the loop stall (watchdog tests) */
     uint32_t nlisteners;
     uint32_t nupstreams;

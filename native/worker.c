@@ -58,6 +58,7 @@ static void idle_trim(struct worker *w)
         return;
     pipe_pool_drain(w);
     buf_pool_drain(w);
+    bufring_trim(w);
     if (w->high_water > 0) {
         madvise(w->conns, w->conns_bytes, MADV_DONTNEED);
         w->high_water = 0;
@@ -209,6 +210,8 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     }
     cfg->shm->ring_mode = w.ring_mode;
     cfg->shm->ring_flags = w.ring_flags;
+    /* copy path: provided buffers where the kernel has them (5.19+) */
+    cfg->shm->copy_mode = bufring_setup(&w) == 0 ? 1 : 2;
 
     ctrl_arm(&w);
     tick_arm(&w);
@@ -244,6 +247,7 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
             n++;
         }
         io_uring_cq_advance(&w.ring, n);
+        bufring_service(&w);
         cfg->shm->loops++;
         cfg->shm->cqes += n;
 
@@ -253,6 +257,7 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
 
     cfg->shm->state = RINGD_WS_EXITED;
     event_send(&w, RINGD_EV_EXITING, 0, 0, 0, w.closed_at_deadline);
+    bufring_free(&w);
     io_uring_queue_exit(&w.ring);
     worker_free(&w);
     return 0;

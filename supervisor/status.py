@@ -10,12 +10,12 @@ from .native import END_REASONS, SERVER_STATES, WORKER_STATES
 
 def _listener_totals(gen, slot: int) -> dict:
     st = gen.shm.lstats(slot)
-    tot = {"accepted": 0, "active": 0, "bytes_c2s": 0, "bytes_s2c": 0}
+    keys = ("accepted", "active", "bytes_c2s", "bytes_s2c", "splice_bytes", "copied_bytes",
+            "connect_errors", "no_server")
+    tot = dict.fromkeys(keys, 0)
     for li in range(gen.shm.nlisteners):
-        tot["accepted"] += st[li].accepted
-        tot["active"] += st[li].active
-        tot["bytes_c2s"] += st[li].bytes_c2s
-        tot["bytes_s2c"] += st[li].bytes_s2c
+        for k in keys:
+            tot[k] += getattr(st[li], k)
     return tot
 
 
@@ -39,6 +39,10 @@ def collect(master) -> dict:
                 "ring": w.ring_mode if w else "",
                 "loop_state": WORKER_STATES.get(shm.state, str(shm.state)),
                 "heartbeat": shm.heartbeat,
+                "copy_path": {1: "buffer_ring", 2: "pooled"}.get(shm.copy_mode, ""),
+                "pipes_in_use": shm.pipes_in_use,
+                "pipe_size": shm.pipe_size,
+                "buf_waits": shm.buf_waits,
             }
             entry.update(_listener_totals(gen, slot))
             workers.append(entry)

@@ -21,12 +21,23 @@ def _conf(port, servers, ring="", lopts=None, uopts=None):
             + upstream("app", servers, **(uopts or {})))
 
 
+MODES = {
+    # splice_threshold: 0 = splice from the first byte, default = copy then
+    # splice, huge = copy only (buffer ring path)
+    "splice": 'splice_threshold = 0',
+    "adaptive": '',
+    "copy": 'splice_threshold = "1GiB"',
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
-def test_payloads_arrive_intact_both_directions(tmp_path, sqpoll):
+def test_payloads_arrive_intact_both_directions(tmp_path, sqpoll, mode):
     """1 B to several MiB, both directions at once, half-close, on every worker."""
     bport, port = free_ports(2)
     with Backend("duplex", [bport]):
-        conf = _conf(port, [f"127.0.0.1:{bport}"], ring=f"sqpoll = {str(sqpoll).lower()}")
+        conf = _conf(port, [f"127.0.0.1:{bport}"],
+                     ring=f"sqpoll = {str(sqpoll).lower()}\n{MODES[mode]}")
         with Ringd(tmp_path, conf, workers=2) as r:
             sizes = [(1, 1), (0, 1), (1, 0), (1000, 70000), (65536, 65536),
                      (3 * 1024 * 1024 + 7, 1), (1, 3 * 1024 * 1024 + 11),
@@ -47,6 +58,16 @@ def test_payloads_arrive_intact_both_directions(tmp_path, sqpoll):
             # with 8 concurrent flows as well
             with cf.ThreadPoolExecutor(8) as ex:
                 list(ex.map(lambda n: duplex(port, n * 300000 + 1, n * 200000 + 3), range(8)))
+            st = r.status()
+            spliced = sum(w["splice_bytes"] for w in st["workers"])
+            copied = sum(w["copied_bytes"] for w in st["workers"])
+            if mode == "splice":
+                assert copied == 0 and spliced > 0
+            elif mode == "copy":
+                assert spliced == 0 and copied > 0
+            else:
+                assert spliced > copied > 0
+            assert {w["copy_path"] for w in st["workers"]} == {"buffer_ring"}
             r.assert_no_traceback()
 
 
