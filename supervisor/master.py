@@ -107,6 +107,7 @@ class Master:
         self.started_at = time.time()
         self.pidfile_path = cfg.ringd.pidfile
         self.control = None       # ringd.control.ControlServer
+        self.admin = None         # ringd.admin.Admin
         self.extras: list = []    # components with start()/stop() (health, admin)
         self._pause_logged: dict[tuple, float] = {}
 
@@ -155,7 +156,19 @@ class Master:
             self.sockets.close_all()
             return 1
 
-        from .health import HealthChecker; self.extras.append(HealthChecker(self))
+        from .accesslog import AccessLog
+        from .admin import Admin
+        from .health import HealthChecker
+        self.admin = Admin(self)
+        try:
+            self.admin.bind(self.config.admin.listen)
+        except OSError as e:
+            self.log.error("start_failed", reason=f"admin.listen: cannot listen on "
+                                                  f"{self.config.admin.listen}: {e.strerror}")
+            await self.control.stop()
+            self.sockets.close_all()
+            return 1
+        self.extras += [HealthChecker(self), self.admin, AccessLog(self)]
         gen = self._new_generation(self.config)
         ok, reason = await self._wait_ready(gen)
         if not ok:
@@ -578,8 +591,13 @@ class Master:
                 self.log.warning("reload_ignored_key", key=f"ringd.{key}",
                                  hint="takes effect after a restart")
         try:
+            admin_next = self.admin.prebind(new.admin.listen)
+        except OSError as e:
+            return False, f"admin.listen: cannot listen on {new.admin.listen}: {e.strerror}"
+        try:
             _, new_keys = self.sockets.prepare(new)
         except BindError as e:
+            self.admin.discard(admin_next)
             return False, str(e)
 
         gen = self._new_generation(new)
@@ -589,6 +607,7 @@ class Master:
             gen.state = "active"   # so _drain_generation runs its course
             self._drain_generation(gen, "reload failed")
             self._retire_sockets()
+            self.admin.discard(admin_next)
             return False, f"new workers failed: {reason}"
         old = self.active
         self._activate(gen)
@@ -596,6 +615,7 @@ class Master:
             hook = getattr(extra, "on_generation", None)
             if hook:
                 hook(gen, old)
+        await self.admin.switch(admin_next)
         if old is not None:
             self._drain_generation(old, "reload")
         self._enforce_drain_bound()

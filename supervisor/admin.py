@@ -1,0 +1,152 @@
+"""The admin HTTP listener ([admin] listen): /metrics, /healthz, /status.
+
+A deliberately small HTTP/1.1 server on the master's asyncio loop: one request
+per connection, bounded request size, bounded time, bounded number of clients,
+so a slow or hostile scraper can never stall the master.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import log
+from .metrics import Totals, make_registry
+
+MAX_HEADER = 8192
+TIMEOUT = 5.0
+MAX_CLIENTS = 64
+
+
+def bind_admin(addr) -> socket.socket:
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr.sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Admin:
+    """Metrics totals, the HTTP listener, and what they need from the master."""
+
+    def __init__(self, master):
+        self.master = master
+        self.log = log.get()
+        self.totals = Totals()
+        self.registry = make_registry(master, self.totals, self._extras)
+        self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
+        self.addr = None
+        self._clients = 0
+
+    def _extras(self) -> dict:
+        out = {}
+        for e in self.master.extras:
+            if type(e).__name__ == "HealthChecker":
+                out["health"] = e
+        return out
+
+    # master hooks
+    def fold_generation(self, gen) -> None:
+        self.totals.fold(gen)
+
+    def bind(self, addr) -> None:
+        """Bind before anything is forked (raises OSError with a clear errno)."""
+        self.sock = bind_admin(addr) if addr is not None else None
+        self.addr = addr
+
+    async def start(self) -> None:
+        if self.sock is not None:
+            self.server = await asyncio.start_server(self._client, sock=self.sock,
+                                                     limit=MAX_HEADER)
+            self.log.info("admin_listen", address=str(self.addr))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self.server = None
+            self.sock = None
+
+    def prebind(self, addr):
+        """Reload, step 1: bind a changed [admin] listen (raises OSError, and
+        the reload is rejected). Returns what switch() needs."""
+        if addr == self.addr:
+            return None
+        return (addr, bind_admin(addr) if addr is not None else None)
+
+    async def switch(self, prepared) -> None:
+        """Reload, step 2 (the new generation runs): move to the new socket."""
+        if prepared is None:
+            return
+        await self.stop()
+        if self.sock is not None:
+            self.sock.close()
+        self.addr, self.sock = prepared
+        await self.start()
+
+    @staticmethod
+    def discard(prepared) -> None:
+        if prepared is not None and prepared[1] is not None:
+            prepared[1].close()
+
+    # http
+    def healthy(self) -> bool:
+        gen = self.master.active
+        if gen is None or self.master.stopping:
+            return False
+        return all(w is not None and w.state == "ready" for w in gen.workers)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self._clients += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                await self._send(writer, 400, b"bad request\n")
+                return
+            method, target = parts[0], parts[1].split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                await self._send(writer, 405, b"method not allowed\n")
+                return
+            if target == "/metrics":
+                body = generate_latest(self.registry)
+                await self._send(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+            elif target == "/healthz":
+                ok = self.healthy()
+                await self._send(writer, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n",
+                                 head_only=method == "HEAD")
+            elif target == "/status":
+                body = json.dumps(self.master.status(), indent=2).encode() + b"\n"
+                await self._send(writer, 200, body, "application/json", head_only=method == "HEAD")
+            else:
+                await self._send(writer, 404, b"not found: try /metrics, /healthz, /status\n")
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError, OSError, UnicodeDecodeError):
+            pass
+        finally:
+            self._clients -= 1
+            writer.close()
+
+    async def _send(self, writer, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
+                    head_only: bool = False) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  503: "Service Unavailable"}[code]
+        hdr = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        writer.write(hdr if head_only else hdr + body)
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
