@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--now", action="store_true", help="close everything at once (SIGTERM)")
     sp.add_argument("--no-wait", action="store_true", help="do not wait for the master to exit")
+    sp = sub.add_parser("server", help="runtime state of a server: drain, maint, ready, weight N")
+    common(sp)
+    sp.add_argument("target", metavar="UPSTREAM/SERVER",
+                    help='e.g. app/10.0.0.11:8080 (the server as written in the file)')
+    sp.add_argument("action", choices=["drain", "maint", "ready", "weight"])
+    sp.add_argument("weight", nargs="?", type=int, help="for weight: 0..256")
     sp = sub.add_parser("status", help="show the master, workers and servers")
     common(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -212,18 +218,39 @@ def cmd_status(args) -> int:
                         "BYTES IN", "BYTES OUT"]))
     if st.get("servers"):
         print()
-        rows = [[f"{s['upstream']}/{s['server']}", s["state"], s.get("weight"), s["active"],
-                 s["connections"], s["failures"], s.get("last_check", "")]
+        rows = [[f"{s['upstream']}/{s['server']}", s["state"], s.get("admin"), s.get("weight"),
+                 s["active"], s["connections"], s["failures"], s.get("last_check", "")]
                 for s in st["servers"]]
-        print(_table(rows, ["SERVER", "STATE", "WEIGHT", "ACTIVE", "CONNS", "FAILS",
+        print(_table(rows, ["SERVER", "STATE", "ADMIN", "WEIGHT", "ACTIVE", "CONNS", "FAILS",
                             "LAST CHECK"]))
+    return 0
+
+
+def cmd_server(args) -> int:
+    from .control import ControlClientError, request
+    if args.action == "weight" and args.weight is None:
+        _err("weight needs a value: ringd server UPSTREAM/SERVER weight N")
+        return 2
+    sock, _ = _locate(args)
+    try:
+        reply = request(sock, {"cmd": "server", "server": args.target, "action": args.action,
+                               "weight": args.weight}, timeout=10)
+    except ControlClientError as e:
+        _err(str(e))
+        return 1
+    if not reply.get("ok"):
+        _err(reply.get("error", "failed"))
+        return 1
+    s = reply["server"]
+    print(f"{s['upstream']}/{s['server']}: state {s['state']} (admin {s['admin']}, "
+          f"health {s['health']}, weight {s['weight'] if s['weight'] is not None else 'config'})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbs = {"start": cmd_start, "check": cmd_check, "reload": cmd_reload, "stop": cmd_stop,
-             "status": cmd_status}
+             "status": cmd_status, "server": cmd_server}
     try:
         return verbs[args.verb](args)
     except KeyboardInterrupt:

@@ -108,6 +108,7 @@ class Master:
         self.pidfile_path = cfg.ringd.pidfile
         self.control = None       # ringd.control.ControlServer
         self.admin = None         # ringd.admin.Admin
+        self.health = None        # ringd.health.HealthChecker (server states)
         self.extras: list = []    # components with start()/stop() (health, admin)
         self._pause_logged: dict[tuple, float] = {}
 
@@ -168,7 +169,8 @@ class Master:
             await self.control.stop()
             self.sockets.close_all()
             return 1
-        self.extras += [HealthChecker(self), self.admin, AccessLog(self)]
+        self.health = HealthChecker(self)
+        self.extras += [self.health, self.admin, AccessLog(self)]
         gen = self._new_generation(self.config)
         ok, reason = await self._wait_ready(gen)
         if not ok:

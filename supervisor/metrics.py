@@ -197,11 +197,11 @@ class RingdCollector:
         checks = CounterMetricFamily("ringd_server_checks", "Health checks run, by result",
                                      labels=us + ["result"])
         for key, rec in sorted(records.items()):
-            if rec.get("last_latency") is not None:
-                lat.add_metric(list(key), rec["last_latency"])
-            if "checks_ok" in rec:
-                checks.add_metric(list(key) + ["ok"], rec.get("checks_ok", 0))
-                checks.add_metric(list(key) + ["failed"], rec.get("checks_failed", 0))
+            if rec.get("last_latency_ms") is not None:
+                lat.add_metric(list(key), rec["last_latency_ms"] / 1000.0)
+            if rec.get("checks_enabled"):
+                checks.add_metric(list(key) + ["ok"], rec["checks"] - rec["checks_failed"])
+                checks.add_metric(list(key) + ["failed"], rec["checks_failed"])
         yield lat
         yield checks
 

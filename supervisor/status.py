@@ -48,15 +48,29 @@ def collect(master) -> dict:
             workers.append(entry)
     servers = []
     gen = master.active
+    records = {}
+    if master.health is not None:
+        records = {(r["upstream"], r["server"]): r for r in master.health.snapshot()}
     if gen is not None:
+        weights = {(u.name, srv.name): srv.weight for u in gen.config.upstreams
+                   for srv in u.servers}
         for ref in gen.servers:
             s = gen.shm.server(ref.index)
             state = SERVER_STATES.get(s.state, str(s.state))
             if s.passive_down and state == "up":
                 state = "down (passive)"
-            servers.append({"upstream": ref.upstream, "server": ref.name, "state": state,
-                            "weight": s.weight or None, "active": s.active,
-                            "connections": s.connections, "failures": s.failures})
+            cfg_weight = weights.get((ref.upstream, ref.name))
+            rec = records.get((ref.upstream, ref.name), {})
+            last = rec.get("last_check")
+            servers.append({
+                "upstream": ref.upstream, "server": ref.name, "state": state,
+                "admin": rec.get("admin", "ready"), "health": rec.get("health", "up"),
+                "weight": s.weight or cfg_weight, "active": s.active,
+                "connections": s.connections, "failures": s.failures,
+                "last_check": (f"{time.time() - last:.1f}s ago "
+                               f"({rec.get('last_latency_ms')} ms)" if last else "-"),
+                "last_error": rec.get("last_error", ""),
+            })
     return {
         "pid": os.getpid(),
         "config": master.config_path,

@@ -196,3 +196,50 @@ def test_json_logs_are_valid_json_lines(tmp_path):
         names = {json.loads(ln)["event"] for ln in lines}
         assert {"start", "worker_spawn", "worker_ready", "ready", "reload_ok", "drain_start",
                 "drain_done", "worker_exit", "exit"} <= names
+
+
+def test_server_drain_ready_and_state_survives_reload(tmp_path):
+    a, b, port = free_ports(3)
+    with Backend("id", [a]), Backend("id", [b]):
+        conf = listener("web", port, "app") + upstream("app", [f"127.0.0.1:{a}", f"127.0.0.1:{b}"])
+        with Ringd(tmp_path, conf, workers=2) as r:
+            def who() -> int:
+                s = connect(port)
+                line = s.recv(64)
+                s.close()
+                return int(line.split()[1])
+            assert {who() for _ in range(20)} == {a, b}
+            stream = connect(port)
+            first = int(stream.recv(64).split()[1])
+            other = b if first == a else a
+            res = r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "drain")
+            assert res.returncode == 0, res.stderr
+            assert "state drain" in res.stdout
+            assert {who() for _ in range(20)} == {other}
+            # the existing stream keeps working
+            stream.sendall(b"still")
+            assert stream.recv(64) == b"still"
+            # the runtime state survives a reload
+            assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            assert {who() for _ in range(20)} == {other}
+            st = {s["server"]: s for s in r.status()["servers"]}
+            assert st[f"127.0.0.1:{first}"]["state"] == "drain"
+            res = r.cli("status", "-c", str(r.conf))
+            assert "drain" in res.stdout
+            stream.sendall(b"after reload")
+            assert stream.recv(64) == b"after reload"
+            stream.close()
+            assert r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "ready").returncode == 0
+            assert {who() for _ in range(20)} == {a, b}
+            # maint takes it out too; weight 0 as well; bad input is refused clearly
+            assert r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "maint").returncode == 0
+            assert {who() for _ in range(10)} == {other}
+            assert r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "ready").returncode == 0
+            res = r.cli("server", "-c", str(r.conf), "app/127.0.0.1:1", "drain")
+            assert res.returncode == 1 and "no server" in res.stderr
+            res = r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "weight", "999")
+            assert res.returncode == 1 and "weight" in res.stderr
+            res = r.cli("server", "-c", str(r.conf), f"app/127.0.0.1:{first}", "weight", "3")
+            assert res.returncode == 0
+            st = {s["server"]: s for s in r.status()["servers"]}
+            assert st[f"127.0.0.1:{first}"]["weight"] == 3
