@@ -14,7 +14,10 @@
  *              linked to a SPLICE_F_NONBLOCK splice) and re-arm on -EAGAIN.
  *   DM_COPY    recv into a buffer, send it on. Cheaper for small messages
  *              (two ops instead of three). A direction starts in copy mode and
- *              switches to splice once it has moved splice_threshold bytes.
+ *              switches to splice once it has moved splice_threshold bytes in
+ *              consecutive reads that each filled the whole buffer (a stream,
+ *              not a series of messages); a spliced direction whose reads
+ *              keep coming back small switches back to copy mode.
  *
  * EOF on a direction's source forwards a FIN (shutdown SHUT_WR) once the
  * bytes in flight are written; the connection ends when both directions have
@@ -38,6 +41,8 @@
 /* a splice-in smaller than this is a "message", not bulk: do not keep a read
  * armed (and a pipe held) while it is written out */
 #define SPLICE_BULK_READ 16384u
+/* this many small splice-ins in a row send a direction back to copy mode */
+#define SPLICE_BACK_AFTER 4
 
 static void dir_read(struct worker *w, struct conn *c, unsigned i);
 static void dir_write(struct worker *w, struct conn *c, unsigned i);
@@ -359,6 +364,7 @@ static void start_forwarding(struct worker *w, struct conn *c)
     c->d[0].dst = c->sfd;
     c->d[1].src = c->sfd;
     c->d[1].dst = c->cfd;
+    c->d[1].flags |= DF_POLL_FIRST;
     lru_touch(w, c);
     dir_read(w, c, 0);
     dir_read(w, c, 1);
@@ -443,6 +449,10 @@ static void dir_read(struct worker *w, struct conn *c, unsigned i)
         if (w->br) {
             struct io_uring_sqe *sqe = get_sqe(w);
             io_uring_prep_recv(sqe, d->src, NULL, w->br_size, 0);
+            /* the last read did not fill the buffer, so the socket is
+             * probably empty: arm the poll instead of trying first */
+            if (d->flags & DF_POLL_FIRST)
+                sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
             sqe->flags |= IOSQE_BUFFER_SELECT;
             sqe->buf_group = RINGD_BGID;
             io_uring_sqe_set_data64(sqe, ud(w, c, OP_RECV, i));
@@ -529,8 +539,9 @@ static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
         dir_shut(w, c, i);
         return;
     }
-    if (d->bytes >= w->cfg->splice_threshold) {
+    if (d->streak >= w->cfg->splice_threshold) {
         d->mode = DM_SPLICE;
+        d->small_reads = 0;
         dir_buf_release(w, d);
     } else if (w->br || !(d->flags & DF_FULL_READ)) {
         /* with a buffer ring the kernel picks a buffer when data arrives;
@@ -592,6 +603,12 @@ static void on_splice_in(struct worker *w, struct conn *c, unsigned i, int res)
     if (res > 0) {
         d->in_pipe += (uint32_t)res;
         d->bytes += (uint64_t)res;
+        if ((uint32_t)res < SPLICE_BULK_READ) {
+            if (d->small_reads < 255)
+                d->small_reads++;
+        } else {
+            d->small_reads = 0;
+        }
         lru_touch(w, c);
         dir_write(w, c, i);
         if ((uint32_t)res >= SPLICE_BULK_READ)
@@ -627,10 +644,19 @@ static void on_splice_out(struct worker *w, struct conn *c, unsigned i, int res)
         } else {
             d->flags &= ~DF_OUT_POLL;
         }
-        if (d->flags & DF_EOF)
+        if (d->flags & DF_EOF) {
             dir_check_eof(w, c, i);
-        else
-            dir_read(w, c, i);
+            return;
+        }
+        if (d->in_pipe == 0 && !(d->flags & DF_IN_BUSY) && w->cfg->splice_threshold &&
+            d->small_reads >= SPLICE_BACK_AFTER) {
+            /* the stream turned into messages: back to the copy path */
+            pipe_put(w, &d->pipe, false);
+            d->mode = DM_COPY;
+            d->streak = 0;
+            d->flags |= DF_POLL_FIRST;
+        }
+        dir_read(w, c, i);
         return;
     }
     if (res == -EAGAIN || res == -EINTR || res == 0) {
@@ -656,10 +682,15 @@ static void on_recv(struct worker *w, struct conn *c, unsigned i, int res, uint3
     if (res > 0) {
         d->buf_len = (uint32_t)res;
         d->buf_off = 0;
-        if ((uint32_t)res == w->cfg->copy_buffer_size)
+        if ((uint32_t)res == w->cfg->copy_buffer_size) {
             d->flags |= DF_FULL_READ;
-        else
+            d->flags &= ~DF_POLL_FIRST;
+            d->streak += (uint32_t)res;
+        } else {
             d->flags &= ~DF_FULL_READ;
+            d->flags |= DF_POLL_FIRST;
+            d->streak = 0;
+        }
         d->bytes += (uint64_t)res;
         lru_touch(w, c);
         dir_write(w, c, i);

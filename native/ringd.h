@@ -75,6 +75,7 @@ enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
 #define DF_IN_LINKED 0x20   /* the in-flight read is a linked poll+splice */
 #define DF_BARE_POLL 0x40   /* the in-flight read is a bare poll (no pipe held) */
 #define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
+#define DF_POLL_FIRST 0x100 /* copy mode: the source is probably drained, poll first */
 
 struct pipe_ref {
     int rfd, wfd;
@@ -85,7 +86,9 @@ struct pipe_ref {
 struct dir {
     int src, dst;
     uint8_t mode;           /* enum dir_mode */
-    uint8_t flags;          /* DF_* */
+    uint8_t small_reads;    /* splice mode: consecutive small splice-ins */
+    uint16_t flags;         /* DF_* */
+    uint32_t streak;        /* copy mode: bytes of consecutive full-buffer reads */
     struct pipe_ref pipe;   /* rfd < 0 when no pipe is held */
     uint32_t in_pipe;       /* bytes sitting in the pipe */
     char *buf;              /* copy mode buffer (NULL while idle) */
