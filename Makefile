@@ -27,6 +27,12 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+deb:
+	sh packaging/build-deb.sh
+
+deb-test: deb
+	sh packaging/deb-test.sh
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
