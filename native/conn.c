@@ -577,6 +577,13 @@ static void on_poll_in(struct worker *w, struct conn *c, unsigned i, int res)
     if (d->pipe.rfd < 0) {
         int err = pipe_get(w, &d->pipe);
         if (err < 0) {
+            if (w->br) {
+                /* no pipe to be had (fds, memory): copy instead of failing */
+                d->mode = DM_COPY;
+                d->streak = 0;
+                dir_read(w, c, i);
+                return;
+            }
             conn_close(w, c, RINGD_END_RESOURCE, -err);
             return;
         }

@@ -1,9 +1,15 @@
 /*
- * listener.c: multishot accept on this worker's SO_REUSEPORT sockets, and
- * pausing it. Accepting is paused (the multishot accept is cancelled, the
- * socket stays open so the kernel keeps queueing) when a listener reaches its
- * max_connections, and when the process runs short of fds or memory; in the
- * second case we retry on a timer instead of spinning on the error.
+ * listener.c: accepting on this worker's SO_REUSEPORT sockets, and pausing.
+ *
+ * A multishot accept takes everything in the kernel's queue in one burst, up
+ * to the whole backlog, before we see the first completion. So it is armed
+ * only while there is room for such a burst (connections under
+ * max_connections and fds under RLIMIT_NOFILE); closer to a limit we accept
+ * one connection at a time, each a decision, so no connection is ever accepted
+ * that we then have to drop. At the limit, accepting pauses: the socket stays
+ * open, the kernel keeps queueing, and we resume when a connection closes.
+ * Errors that say the process or system is short of fds or memory pause too,
+ * retried on a timer instead of spinning on the error.
  */
 #include "ringd.h"
 
@@ -12,14 +18,39 @@
 
 #define ACCEPT_RETRY_MS 250
 
+/* connections we can still take: by max_connections and by fds */
+static int64_t room(struct worker *w, uint32_t li, int *why)
+{
+    int64_t by_max = (int64_t)w->cfg->listeners[li].max_conns - w->ls[li].active;
+    /* every listener may have one accept in flight */
+    int64_t by_fds = fd_headroom(w) / FDS_PER_CONN - (int64_t)w->cfg->nlisteners;
+    *why = by_fds < by_max ? EMFILE : 0;
+    return by_fds < by_max ? by_fds : by_max;
+}
+
+static bool room_for_burst(struct worker *w, uint32_t li)
+{
+    int why;
+    return room(w, li, &why) > 2 * (int64_t)w->cfg->listeners[li].backlog + 64;
+}
+
 void listener_arm(struct worker *w, uint32_t li)
 {
     struct listener_rt *l = &w->ls[li];
+    int why;
 
     if (l->armed || l->paused || w->draining || w->stopping)
         return;
+    if (room(w, li, &why) < 1) {
+        listener_pause(w, li, why);
+        return;
+    }
     struct io_uring_sqe *sqe = get_sqe(w);
-    io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    l->multishot = room_for_burst(w, li);
+    if (l->multishot)
+        io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    else
+        io_uring_prep_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT, 0, li, 0));
     l->armed = true;
     l->cancel_sent = false;
@@ -54,6 +85,8 @@ void listener_pause(struct worker *w, uint32_t li, int err)
     st->accept_pauses++;
     st->accept_paused = 1;
     listener_cancel(w, li);
+    if (err == EMFILE || err == ENFILE)
+        pipe_pool_drain(w);     /* idle pipes are fds we can give back */
     event_send(w, RINGD_EV_ACCEPT_PAUSED, err, li, l->active, st->accept_pauses);
 }
 
@@ -61,12 +94,14 @@ void listener_pause(struct worker *w, uint32_t li, int err)
 void listener_maybe_resume(struct worker *w, uint32_t li)
 {
     struct listener_rt *l = &w->ls[li];
+    int why;
 
     if (!l->paused || w->draining || w->stopping)
         return;
-    if (l->active >= w->cfg->listeners[li].max_conns)
-        return;
     if (l->pause_err && w->now_ms < l->resume_at_ms)
+        return;
+    /* a little hysteresis, so that a listener at its limit does not flap */
+    if (room(w, li, &why) < (l->pause_err ? 2 : 1))
         return;
     l->paused = false;
     w->cfg->lstats[li].accept_paused = 0;
@@ -85,11 +120,11 @@ void listener_stop_all(struct worker *w)
 void on_accept(struct worker *w, struct io_uring_cqe *cqe)
 {
     uint32_t li = ud_slot(cqe->user_data);
-    struct listener_rt *l = &w->ls[li];
     int res = cqe->res;
 
     if (li >= w->cfg->nlisteners)
         return;
+    struct listener_rt *l = &w->ls[li];
     if (!(cqe->flags & IORING_CQE_F_MORE) && l->armed) {
         l->armed = false;
         w->accept_armed_count--;
@@ -99,8 +134,8 @@ void on_accept(struct worker *w, struct io_uring_cqe *cqe)
         /* A connection accepted while we were pausing or draining is still
          * served: it left the kernel's queue, nobody else can take it. */
         conn_start(w, li, res);
-        if (l->active >= w->cfg->listeners[li].max_conns)
-            listener_pause(w, li, 0);
+        if (l->armed && l->multishot && !room_for_burst(w, li))
+            listener_cancel(w, li);     /* re-armed one at a time below */
     } else {
         switch (-res) {
         case ECANCELED:

@@ -26,10 +26,15 @@ int pipe_get(struct worker *w, struct pipe_ref *out)
         *out = w->pipes[--w->npipes];
         shm->pipes_idle = w->npipes;
         shm->pipes_in_use++;
+        w->pipes_out++;
         return 0;
     }
 
     int fds[2];
+    if (fd_headroom(w) < 2) {
+        shm->pipes_failed++;
+        return -EMFILE;
+    }
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
         shm->pipes_failed++;
         return -errno;
@@ -54,6 +59,7 @@ int pipe_get(struct worker *w, struct pipe_ref *out)
     out->cap = size > 0 ? (uint32_t)size : PIPE_MIN_SIZE;
     shm->pipes_created++;
     shm->pipes_in_use++;
+    w->pipes_out++;
     return 0;
 }
 
@@ -64,6 +70,7 @@ void pipe_put(struct worker *w, struct pipe_ref *p, bool dirty)
     if (p->rfd < 0)
         return;
     shm->pipes_in_use--;
+    w->pipes_out--;
     if (!dirty && w->npipes < w->pipe_max && p->cap >= w->pipe_size) {
         w->pipes[w->npipes++] = *p;
     } else {

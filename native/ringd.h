@@ -127,7 +127,8 @@ struct conn {
 
 struct listener_rt {
     int fd;
-    bool armed;             /* multishot accept in flight */
+    bool armed;             /* an accept is in flight */
+    bool multishot;         /* ... and it is a multishot one */
     bool paused;            /* by max_connections or an fd shortage */
     bool cancel_sent;
     int pause_err;          /* errno that paused us, 0 for max_connections */
@@ -167,6 +168,11 @@ struct worker {
     /* pipe pool */
     struct pipe_ref *pipes;
     uint32_t npipes, pipe_max;
+    uint32_t pipes_out;     /* pipes held by connections */
+
+    /* fd budget: RLIMIT_NOFILE minus a reserve; accepting pauses before a
+     * new connection could run the process out of fds */
+    int64_t fd_budget;
     uint32_t pipe_size;
     bool pipe_shrunk_reported;
 
@@ -240,6 +246,14 @@ void bufring_release(struct worker *w, uint16_t bid);
 void bufring_wait(struct worker *w, uint64_t token);
 void bufring_service(struct worker *w);
 void bufring_trim(struct worker *w);
+
+/* a connection holds 2 sockets and, while splicing, a pipe (2 fds) per
+ * direction: 6 fds in the worst case */
+#define FDS_PER_CONN 6
+static inline int64_t fd_headroom(const struct worker *w)
+{
+    return w->fd_budget - 2 * (int64_t)w->active - 2 * (int64_t)(w->pipes_out + w->npipes);
+}
 
 /* listener.c */
 void listener_arm(struct worker *w, uint32_t li);

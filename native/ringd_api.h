@@ -195,6 +195,7 @@ struct ringd_listener_cfg {
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms;
     uint32_t access_log;
+    uint32_t backlog;          /* listen() backlog: bounds a multishot accept burst */
 };
 
 struct ringd_upstream_cfg {

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <malloc.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define CONN_SLACK 64           /* accepts that race a pause still get a slot */
@@ -155,6 +156,11 @@ static int worker_alloc(struct worker *w)
     }
     if (balance_init(w) < 0)
         return -ENOMEM;
+
+    struct rlimit rl;
+    int64_t soft = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? (int64_t)rl.rlim_cur : 1024;
+    /* reserve: stdio, control socket, ring, listeners, and some slack */
+    w->fd_budget = soft - 32 - (int64_t)cfg->nlisteners;
     return 0;
 }
 

@@ -214,6 +214,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int,
         lc.connect_timeout_ms = max(1, int(lst.connect_timeout * 1000))
         lc.idle_timeout_ms = max(1, int(lst.idle_timeout * 1000))
         lc.access_log = 1 if lst.access_log else 0
+        lc.backlog = lst.backlog
 
     nsrv = sum(len(u.servers) for u in config.upstreams)
     upstreams = ffi.new("struct ringd_upstream_cfg[]", max(len(config.upstreams), 1))

@@ -93,7 +93,8 @@ class Ringd:
     """A ringd master started as `ringd start -c FILE`, JSON logs to a file."""
 
     def __init__(self, tmp: Path, body: str, *, workers: int = 2, extra_ringd: str = "",
-                 env: dict | None = None, test_hooks: bool = False):
+                 env: dict | None = None, test_hooks: bool = False,
+                 wrap: list[str] | None = None):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.conf = self.tmp / "ringd.toml"
@@ -104,6 +105,7 @@ class Ringd:
         self.extra_ringd = extra_ringd
         self.test_hooks = test_hooks
         self.env = env or {}
+        self.wrap = wrap or []       # e.g. ["prlimit", "--nofile=128:128", "--"]
         self.proc: subprocess.Popen | None = None
         self.write_config(body)
 
@@ -129,7 +131,8 @@ class Ringd:
         if self.test_hooks:
             env["RINGD_TEST_HOOKS"] = "1"
         self._logfh = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(RINGD + ["start", "-c", str(self.conf)], stdout=self._logfh,
+        self.proc = subprocess.Popen(self.wrap + RINGD + ["start", "-c", str(self.conf)],
+                                     stdout=self._logfh,
                                      stderr=subprocess.STDOUT, env=env)
         if wait:
             wait_for(lambda: self.events("ready") or self.proc.poll() is not None, 20,
@@ -374,3 +377,104 @@ def _toml(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
     raise TypeError(v)
+
+
+# ------------------------------------------------------------------- balancing helpers
+
+def health_table(upstream_name: str, **opts) -> str:
+    """A [upstream.NAME.health] table (durations as strings: "200ms")."""
+    extra = "".join(f"{k} = {_toml(v)}\n" for k, v in opts.items())
+    return f"""
+[upstream.{upstream_name}.health]
+{extra}"""
+
+
+def read_line(s: socket.socket, limit: int = 4096) -> bytes:
+    """Bytes up to and including the first newline (or EOF)."""
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def hold_id(port: int, host: str = "127.0.0.1", source: str | None = None,
+            hello: bytes = b"", timeout: float = 10) -> tuple[socket.socket, int]:
+    """Connect through ringd to an `id` (or, with hello=b"WHO\\n", a `pong`/`wrong`)
+    backend; return the open socket and the port of the backend it reached."""
+    s = connect(port, host, timeout, source=source)
+    try:
+        if hello:
+            s.sendall(hello)
+        line = read_line(s)
+        assert line.startswith(b"ID ") and line.endswith(b"\n"), \
+            f"no ID line from the backend: {line!r}"
+        return s, int(line[3:])
+    except BaseException:
+        s.close()
+        raise
+
+
+def backend_of(port: int, host: str = "127.0.0.1", source: str | None = None,
+               hello: bytes = b"", timeout: float = 10) -> int:
+    """One short connection: which backend port did it reach?"""
+    s, backend = hold_id(port, host, source, hello, timeout)
+    s.close()
+    return backend
+
+
+def servers_by_name(status: dict) -> dict[str, dict]:
+    """ringd status "servers" keyed by server name (upstream names must not clash)."""
+    return {s["server"]: s for s in status["servers"]}
+
+
+class Traffic:
+    """Short connections in a background thread, one after the other, until
+    stop(): each records (monotonic start time, backend port or None, error)."""
+
+    def __init__(self, port: int, hello: bytes = b"", pause: float = 0.005,
+                 host: str = "127.0.0.1", timeout: float = 5):
+        self.port, self.hello, self.pause = port, hello, pause
+        self.host, self.timeout = host, timeout
+        self.results: list[tuple[float, int | None, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                self.results.append((t, backend_of(self.port, self.host, hello=self.hello,
+                                                   timeout=self.timeout), ""))
+            except (OSError, AssertionError) as e:
+                self.results.append((t, None, repr(e)))
+            self._stop.wait(self.pause)
+
+    def start(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, int | None, str]]:
+        self._stop.set()
+        self._thread.join(self.timeout + 5)
+        return self.results
+
+    @property
+    def failures(self) -> list[tuple[float, int | None, str]]:
+        return [r for r in self.results if r[1] is None]
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def failures_outside(self, windows: list[tuple[float, float]],
+                         before: float = 1.0) -> list[tuple[float, int | None, str]]:
+        """Failures of connections that did not start within `before` seconds
+        ahead of, or during, one of the (start, end) windows (e.g. while a
+        backend was being killed: what it had open dies with it)."""
+        return [f for f in self.failures
+                if not any(a - before <= f[0] <= b for a, b in windows)]

@@ -317,3 +317,35 @@ def test_max_connections_stops_accepting_without_dropping(tmp_path):
             assert extra.recv(1) == b"q"      # served once a slot was free
             for s in held[1:] + [extra]:
                 s.close()
+
+
+def test_fd_shortage_pauses_accepting_and_loses_nothing(tmp_path):
+    """With a tiny RLIMIT_NOFILE, accepting pauses before the worker could run
+    out of fds (connections wait in the kernel's queue) and resumes as fds come
+    back: every client is served, none is accepted and dropped."""
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], lopts={"backlog": 1024})
+        r = Ringd(tmp_path, conf, workers=1, wrap=["prlimit", "--nofile=128:128", "--"])
+        with r:
+            socks = [connect(port, timeout=20) for _ in range(90)]
+            for i, s in enumerate(socks):
+                s.sendall(b"%03d" % i)
+            ev = r.wait_event("accept_paused", timeout=10)[0]
+            assert "EMFILE" in ev["reason"]
+            served = r.status()["workers"][0]["active"]
+            assert 20 < served < 90, served
+            # free the first ones: the queued clients get their turn
+            for i, s in enumerate(socks):
+                s.settimeout(20)
+                got = b""
+                while len(got) < 3:
+                    chunk = s.recv(3 - len(got))
+                    assert chunk, f"client {i} was dropped"
+                    got += chunk
+                assert got == b"%03d" % i
+                s.close()
+            st = r.status()["workers"][0]
+            assert st["accepted"] == 90
+            assert sum(1 for e in r.events("worker_exit")) == 0
+            r.assert_no_traceback()
