@@ -31,7 +31,7 @@ int pipe_get(struct worker *w, struct pipe_ref *out)
     }
 
     int fds[2];
-    if (fd_headroom(w) < 2) {
+    if (fd_headroom(w) < 2 + FDS_PER_CONN * (int64_t)w->cfg->nlisteners) {
         shm->pipes_failed++;
         return -EMFILE;
     }

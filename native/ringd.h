@@ -247,9 +247,11 @@ void bufring_wait(struct worker *w, uint64_t token);
 void bufring_service(struct worker *w);
 void bufring_trim(struct worker *w);
 
-/* a connection holds 2 sockets and, while splicing, a pipe (2 fds) per
- * direction: 6 fds in the worst case */
-#define FDS_PER_CONN 6
+/* A connection needs 2 fds (its sockets) to be admitted. Pipes (2 fds per
+ * splicing direction) are optional: with no fd to spare a direction copies
+ * instead. So admission counts 2 per connection, and pipes only take what
+ * is left after every listener could still accept one more connection. */
+#define FDS_PER_CONN 2
 static inline int64_t fd_headroom(const struct worker *w)
 {
     return w->fd_budget - 2 * (int64_t)w->active - 2 * (int64_t)(w->pipes_out + w->npipes);
