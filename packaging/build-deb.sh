@@ -82,6 +82,7 @@ if git -C "$top" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
         ;;
     worktree)
         say "copying the work tree (tracked and unignored files) to $src"
+        # shellcheck disable=SC2016  # the inner sh expands $f, not this one
         (cd "$top" && git ls-files -z --cached --others --exclude-standard |
             xargs -0 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done; true' sh |
             tar --null -T - -cf -) | tar -xf - -C "$src"

@@ -345,7 +345,7 @@ class Test:
         raise Failed(f"no {want} within {timeout:.0f}s (got {got})\n" + _indent(_tail(self.log_path)))
 
     def s_start(self):
-        (lhost, lport), (bhost, bport) = self.addresses()
+        _, (bhost, bport) = self.addresses()
         self.backend = Backend(bhost, bport)
         p = self.start_master("v1")
         msgs = self.wait_notify("READY=1")
@@ -410,7 +410,9 @@ class Test:
 
     def s_traffic(self):
         detail = self.traffic()
-        r = self.run(["/usr/bin/ringd", "status", "-c", CONFFILE], env=SERVICE_ENV)
+        st = self.run(["/usr/bin/ringd", "status", "-c", CONFFILE], env=SERVICE_ENV).stdout
+        if "WORKER" not in st:
+            raise Failed(f"ringd status printed no worker table:\n{_indent(st)}")
         return detail + "; ringd status ok"
 
     def s_reload_hup(self):
