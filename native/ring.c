@@ -52,8 +52,8 @@ static int try_init(struct worker *w, uint32_t mode, uint32_t flags, unsigned en
     p.cq_entries = entries * 4;
     if (mode == RINGD_RING_SQPOLL) {
         p.sq_thread_idle = cfg->sq_thread_idle_ms;
-        if (cfg->cpu >= 0)
-            p.sq_thread_cpu = (uint32_t)cfg->cpu;
+        if (cfg->sq_cpu >= 0)
+            p.sq_thread_cpu = (uint32_t)cfg->sq_cpu;
         else
             p.flags &= ~IORING_SETUP_SQ_AFF;
     }

@@ -224,6 +224,7 @@ struct ringd_worker_cfg {
     uint32_t generation;
     int32_t control_fd;
     uint32_t sqpoll;           /* 0 or 1 */
+    int32_t sq_cpu;            /* CPU of the SQPOLL thread, -1: not pinned */
     uint32_t sq_thread_idle_ms;
     uint32_t entries;
     uint32_t pipe_size;

@@ -174,7 +174,7 @@ class RingdSettings:
 
 @dataclass(frozen=True, slots=True)
 class RingSettings:
-    sqpoll: bool | str = True  # True, False or "auto"
+    sqpoll: bool | str = "auto"  # True, False or "auto"
     sq_thread_idle: float = 0.01
     entries: int = 4096
     pipe_size: int = 1048576

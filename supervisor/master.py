@@ -24,7 +24,7 @@ from . import log, notify, pidfile
 from .config import Config, ConfigError
 from .listeners import BindError, ListenerSockets, keys_of, raise_nofile
 from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
-                     lib, server_table, sqpoll_wanted)
+                     lib, plan_cpus, server_table, sqpoll_wanted)
 
 READY_TIMEOUT = 15.0        # a new generation must accept within this
 STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
@@ -39,6 +39,7 @@ RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
 class WorkerProc:
     slot: int
     cpu: int
+    sq_cpu: int
     gen: "Generation"
     pid: int
     pidfd: int
@@ -247,9 +248,8 @@ class Master:
         gen = Generation(self.next_gen, cfg)
         self.next_gen += 1
         self.generations.append(gen)
-        cpus = sorted(os.sched_getaffinity(0))
-        for slot in range(cfg.ringd.workers):
-            self._spawn(gen, slot, cpus[slot % len(cpus)])
+        for slot, (cpu, sq_cpu) in enumerate(plan_cpus(cfg)):
+            self._spawn(gen, slot, cpu, sq_cpu)
         return gen
 
     def _activate(self, gen: Generation) -> None:
@@ -276,10 +276,11 @@ class Master:
             reasons = ["workers did not report ready within %.0fs" % READY_TIMEOUT]
         return False, "; ".join(reasons)
 
-    def _spawn(self, gen: Generation, slot: int, cpu: int) -> WorkerProc:
+    def _spawn(self, gen: Generation, slot: int, cpu: int, sq_cpu: int) -> WorkerProc:
         from ringd.worker.main import WorkerSpec, child_main
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = WorkerSpec(slot=slot, cpu=cpu, generation=gen.number, config=gen.config,
+        spec = WorkerSpec(slot=slot, cpu=cpu, sq_cpu=sq_cpu, generation=gen.number,
+                          config=gen.config,
                           shm=gen.shm, listener_fds=self.sockets.fds_for(gen.config, slot),
                           control_fd=child.fileno(), test_hooks=self.test_hooks)
         sys.stdout.flush()
@@ -291,12 +292,14 @@ class Master:
         child.close()
         parent.setblocking(False)
         pidfd = os.pidfd_open(pid)
-        w = WorkerProc(slot=slot, cpu=cpu, gen=gen, pid=pid, pidfd=pidfd, ctrl=parent,
+        w = WorkerProc(slot=slot, cpu=cpu, sq_cpu=sq_cpu, gen=gen, pid=pid, pidfd=pidfd,
+                       ctrl=parent,
                        ready=self.loop.create_future())
         gen.workers[slot] = w
         self.loop.add_reader(pidfd, self._on_worker_exit, w)
         self.loop.add_reader(parent.fileno(), self._on_worker_event, w)
-        self.log.info("worker_spawn", worker=slot, gen=gen.number, pid=pid, cpu=cpu)
+        self.log.info("worker_spawn", worker=slot, gen=gen.number, pid=pid, cpu=cpu,
+                      sqpoll_cpu=sq_cpu if sq_cpu >= 0 else None)
         return w
 
     def _send(self, w: WorkerProc, cmd: int, arg: int = 0) -> None:
@@ -512,14 +515,14 @@ class Master:
                            retry_in=round(delay, 3),
                            hint="this slot keeps crashing; see the worker_exit events above")
         self.worker_restarts += 1
-        st.respawn = self.loop.call_later(delay, self._respawn, gen, w.slot, w.cpu)
+        st.respawn = self.loop.call_later(delay, self._respawn, gen, w.slot, w.cpu, w.sq_cpu)
         if (delay >= RELEASE_SLOT_AFTER or st.held_back) and w.slot not in gen.released_slots:
             gen.released_slots.add(w.slot)
             self.log.warning("slot_sockets_released", worker=w.slot, gen=gen.number,
                              hint="its connections go to the other workers until it is back")
             self._retire_sockets()
 
-    def _respawn(self, gen: Generation, slot: int, cpu: int) -> None:
+    def _respawn(self, gen: Generation, slot: int, cpu: int, sq_cpu: int) -> None:
         gen.slots[slot].respawn = None
         if gen.state != "active" or self.stopping or gen.workers[slot] is not None:
             return
@@ -531,10 +534,10 @@ class Master:
                 self.log.error("respawn_bind_failed", worker=slot, gen=gen.number, reason=str(e),
                                retry_in=delay)
                 gen.slots[slot].respawn = self.loop.call_later(delay, self._respawn, gen, slot,
-                                                               cpu)
+                                                               cpu, sq_cpu)
                 return
             gen.released_slots.discard(slot)
-        w = self._spawn(gen, slot, cpu)
+        w = self._spawn(gen, slot, cpu, sq_cpu)
         w.ready.add_done_callback(lambda f: self._respawned(gen, slot, f))
 
     def _respawned(self, gen: Generation, slot: int, fut: asyncio.Future) -> None:

@@ -188,15 +188,36 @@ def server_table(config: Config) -> list[ServerRef]:
     return table
 
 
+def plan_cpus(config: Config) -> list[tuple[int, int]]:
+    """(worker CPU, SQPOLL thread CPU or -1) for every worker slot.
+
+    sqpoll = true: the poller shares its worker's CPU. false: no poller.
+    "auto" (the default): a poller only where it gets a CPU of its own, i.e.
+    with at least two usable CPUs per worker; worker i then runs on the i-th
+    CPU and its poller on the (workers + i)-th. Measured on a 2-core host,
+    a poller that shares the worker's CPU spins against the very thread that
+    has to reap its completions (see README, "Ring modes")."""
+    cpus = sorted(os.sched_getaffinity(0))
+    n = config.ringd.workers
+    mode = config.ring.sqpoll
+    plan = []
+    for slot in range(n):
+        cpu = cpus[slot % len(cpus)]
+        if mode is True:
+            sq = cpu
+        elif mode == "auto" and len(cpus) >= 2 * n:
+            sq = cpus[n + slot]
+        else:
+            sq = -1
+        plan.append((cpu, sq))
+    return plan
+
+
 def sqpoll_wanted(config: Config) -> bool:
-    """sqpoll = "auto": a poller thread only pays when it gets a CPU of its
-    own, i.e. when there are at least two CPUs per worker."""
-    if config.ring.sqpoll == "auto":
-        return 2 * config.ringd.workers <= len(os.sched_getaffinity(0))
-    return bool(config.ring.sqpoll)
+    return any(sq >= 0 for _, sq in plan_cpus(config))
 
 
-def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int,
+def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_cpu: int,
                      listener_fds: list[int], control_fd: int, test_hooks: bool = False):
     """The struct ringd_worker_cfg for one worker, and the cdata objects that
     must stay alive as long as the C loop runs (returned together)."""
@@ -247,7 +268,8 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int,
     cfg.cpu = cpu
     cfg.generation = shm.generation
     cfg.control_fd = control_fd
-    cfg.sqpoll = 1 if sqpoll_wanted(config) else 0
+    cfg.sqpoll = 1 if sq_cpu >= 0 else 0
+    cfg.sq_cpu = sq_cpu
     cfg.sq_thread_idle_ms = int(ring.sq_thread_idle * 1000)
     cfg.entries = ring.entries
     cfg.pipe_size = ring.pipe_size

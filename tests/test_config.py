@@ -139,7 +139,7 @@ def test_defaults():
     assert (r.max_draining_generations, r.watchdog_timeout) == (4, 10.0)
     assert (r.respawn_delay, r.respawn_delay_max) == (0.1, 30.0)
     assert config.ring == cfg.RingSettings(
-        sqpoll=True, sq_thread_idle=0.01, entries=4096, pipe_size=1 << 20, pipe_pool=64,
+        sqpoll="auto", sq_thread_idle=0.01, entries=4096, pipe_size=1 << 20, pipe_pool=64,
         copy_buffer_size=16384, splice_threshold=65536,
     )
     assert config.admin.listen is None

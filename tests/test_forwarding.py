@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 import os
 import socket
 import struct
@@ -349,3 +350,25 @@ def test_fd_shortage_pauses_accepting_and_loses_nothing(tmp_path):
             assert st["accepted"] == 90
             assert sum(1 for e in r.events("worker_exit")) == 0
             r.assert_no_traceback()
+
+
+@pytest.mark.skipif(NCPU < 2, reason="needs 2 CPUs to show the poller on a CPU of its own")
+def test_sqpoll_auto_gives_the_poller_its_own_cpu(tmp_path):
+    bport, port = free_ports(2)
+    cpus = sorted(os.sched_getaffinity(0))
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring='sqpoll = "auto"')
+        # one worker on a 2+ CPU machine: the poller gets the second CPU
+        with Ringd(tmp_path / "one", conf, workers=1) as r:
+            w = r.status()["workers"][0]
+            assert w["ring"] == "sqpoll" and w["cpu"] == cpus[0]
+            task = Path(f"/proc/{w['pid']}/task")
+            sq = [t for t in task.iterdir() if (t / "comm").read_text().startswith("iou-sqp")]
+            assert len(sq) == 1
+            assert os.sched_getaffinity(int(sq[0].name)) == {cpus[1]}
+            assert os.sched_getaffinity(w["pid"]) == {cpus[0]}
+            assert echo_roundtrip(port, b"auto") == b"auto"
+        # as many workers as CPUs: no poller at all
+        with Ringd(tmp_path / "all", conf, workers=NCPU) as r:
+            assert {w["ring"] for w in r.status()["workers"]} == {"defer_taskrun"}
+            assert echo_roundtrip(port, b"auto") == b"auto"

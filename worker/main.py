@@ -28,6 +28,7 @@ EXIT_CRASH_HOOK = 99  # test hook (RINGD_TEST_CRASH_FILE)
 class WorkerSpec:
     slot: int
     cpu: int
+    sq_cpu: int             # CPU of the SQPOLL thread, -1 for no SQPOLL
     generation: int
     config: object          # ringd.config.Config
     shm: object             # ringd.native.SharedState
@@ -107,7 +108,7 @@ def run(spec: WorkerSpec) -> int:
                      error=str(e))
         return EXIT_PRIVS
 
-    cfg, keep = build_worker_cfg(spec.config, spec.shm, spec.slot, spec.cpu,
+    cfg, keep = build_worker_cfg(spec.config, spec.shm, spec.slot, spec.cpu, spec.sq_cpu,
                                  spec.listener_fds, spec.control_fd, spec.test_hooks)
     rc = run_worker(cfg)
     del keep
