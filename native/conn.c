@@ -161,6 +161,17 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
 
 /* ------------------------------------------------------------ connect */
 
+/* (Un)count this connection in its server's active connections, once. */
+static void srv_count(struct worker *w, struct conn *c, bool on)
+{
+    if (c->server < 0 || (bool)c->srv_counted == on)
+        return;
+    int64_t d = on ? 1 : -1;
+    __atomic_fetch_add(&w->cfg->srv[c->server].active, d, __ATOMIC_RELAXED);
+    w->cfg->wsrv[c->server].active += d;
+    c->srv_counted = on;
+}
+
 static void conn_connect(struct worker *w, struct conn *c)
 {
     const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
@@ -185,6 +196,9 @@ static void conn_connect(struct worker *w, struct conn *c)
         st->retries++;
     c->server = idx;
     c->tries++;
+    /* a connect in flight counts as active for the server, so that
+     * least_conn and max_connections see it before it completes */
+    srv_count(w, c, true);
     uint32_t rel = (uint32_t)idx - up->first_server;
     if (rel < 32)
         c->tried_mask |= 1u << rel;
@@ -226,11 +240,8 @@ static void on_connect(struct worker *w, struct conn *c, int res)
         return;
     if (res == 0) {
         struct ringd_server_shm *s = &w->cfg->srv[c->server];
-        __atomic_fetch_add(&s->active, 1, __ATOMIC_RELAXED);
         __atomic_fetch_add(&s->connections, 1, __ATOMIC_RELAXED);
-        w->cfg->wsrv[c->server].active++;
         w->cfg->wsrv[c->server].connections++;
-        c->srv_counted = 1;
         if (s->passive_down || s->fail_window_count) {
             s->fail_window_count = 0;
             if (s->passive_down) {
@@ -258,6 +269,7 @@ static void on_connect(struct worker *w, struct conn *c, int res)
     if (err == ETIMEDOUT)
         st->connect_timeouts++;
     c->err = err;
+    srv_count(w, c, false);
     server_connect_failed(w, c->server, err);
     close(c->sfd);
     c->sfd = -1;
@@ -882,10 +894,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
     close(c->cfd);
     if (c->sfd >= 0)
         close(c->sfd);
-    if (c->srv_counted) {
-        __atomic_fetch_sub(&w->cfg->srv[c->server].active, 1, __ATOMIC_RELAXED);
-        w->cfg->wsrv[c->server].active--;
-    }
+    srv_count(w, c, false);
     st->closed[c->end_reason]++;
     st->active--;
     w->active--;
