@@ -51,5 +51,15 @@ run: venv
 test: venv
 	$(VPY) -m pytest -q tests
 
+# Side-by-side benchmark (bench/README.md); BENCH_ARGS=--quick for a smoke run.
+bench: venv
+	@missing=""; for p in haproxy nginx-light libnginx-mod-stream iperf3 wrk; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	@$(VPY) -c 'import matplotlib' 2>/dev/null || $(VPY) -m pip install -q matplotlib
+	$(VPY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
