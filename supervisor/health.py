@@ -177,8 +177,9 @@ def _shown(data: bytes, limit: int = 64) -> str:
     return text + ("..." if len(data) > limit else "")
 
 
-async def _expect(loop, sock: socket.socket, hc: HealthCheck, regex) -> None:
-    buf = b""
+async def _expect(loop, sock: socket.socket, hc: HealthCheck, regex, buf: bytearray) -> None:
+    """Read until the reply matches; what arrived is kept in `buf` (the
+    caller reports it when the time-out cuts this short)."""
     while True:
         try:
             data = await loop.sock_recv(sock, 4096)
@@ -186,21 +187,22 @@ async def _expect(loop, sock: socket.socket, hc: HealthCheck, regex) -> None:
             raise CheckFailed("connection reset", _errname(e.errno or 0)) from None
         if not data:
             if buf:
-                raise CheckFailed("unexpected reply", f"closed after {_shown(buf)}")
+                raise CheckFailed("unexpected reply", f"closed after {_shown(bytes(buf))}")
             raise CheckFailed("connection closed", "closed without a reply")
         buf += data
         if hc.expect is not None:
             if len(buf) >= len(hc.expect):
                 if buf.startswith(hc.expect):
                     return
-                raise CheckFailed("unexpected reply", f"got {_shown(buf)}")
+                raise CheckFailed("unexpected reply", f"got {_shown(bytes(buf))}")
             if not hc.expect.startswith(buf):
-                raise CheckFailed("unexpected reply", f"got {_shown(buf)}")
+                raise CheckFailed("unexpected reply", f"got {_shown(bytes(buf))}")
         else:
             if regex.search(buf):
                 return
             if len(buf) >= REPLY_LIMIT:
-                raise CheckFailed("unexpected reply", f"no match in {len(buf)} bytes: {_shown(buf)}")
+                raise CheckFailed("unexpected reply",
+                                  f"no match in {len(buf)} bytes: {_shown(bytes(buf))}")
 
 
 async def probe(spec: CheckSpec, regex=None) -> float:
@@ -210,6 +212,7 @@ async def probe(spec: CheckSpec, regex=None) -> float:
     if hc.expect_regex is not None and regex is None:
         regex = re.compile(hc.expect_regex.encode("utf-8"))
     phase = ["connect"]
+    reply = bytearray()
     try:
         sock = socket.socket(spec.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
@@ -226,13 +229,18 @@ async def probe(spec: CheckSpec, regex=None) -> float:
                 raise CheckFailed("connection reset", _errname(e.errno or 0)) from None
         if hc.expect is not None or hc.expect_regex is not None:
             phase[0] = "reply"
-            await _expect(loop, sock, hc, regex)
+            await _expect(loop, sock, hc, regex, reply)
 
     t0 = loop.time()
     try:
         await asyncio.wait_for(run(), hc.timeout)
         return loop.time() - t0
     except asyncio.TimeoutError:
+        if reply:
+            # it did answer, just not what we expect (a regex can only give
+            # up on a stream when the time is out)
+            raise CheckFailed("unexpected reply", f"no match within {hc.timeout:g}s, "
+                                                  f"got {_shown(bytes(reply))}") from None
         what = {"connect": "connect", "send": "send", "reply": "expected reply"}[phase[0]]
         raise CheckFailed("timeout", f"no {what} within {hc.timeout:g}s") from None
     finally:
@@ -320,7 +328,14 @@ class HealthChecker:
         view = self._views.get(new_gen.number)
         if view is not None:
             for key, (_, is_down) in view.index.items():
-                self.records[key].config_down = is_down
+                rec = self.records[key]
+                if rec.config_down != is_down:
+                    rec.config_down = is_down
+                    t = self.publish(rec)
+                    self.log.info("server_config_down" if is_down else "server_config_up",
+                                  upstream=rec.upstream, server=rec.name,
+                                  state=rec.state.label if rec.state is not None else None,
+                                  transition=t.name if t else None)
         self._reconcile()
 
     def fold_generation(self, gen) -> None:
@@ -476,6 +491,7 @@ class HealthChecker:
         if not self._running:
             return
         wanted = self._wanted()
+        active = self._views.get(self.master.active.number) if self.master.active else None
         for key, (spec, task) in list(self._tasks.items()):
             if wanted.get(key) != spec:
                 task.cancel()
@@ -490,11 +506,13 @@ class HealthChecker:
                     rec.checks_enabled = True
                     task = asyncio.ensure_future(self._check_loop(rec, wanted[key]))
                     self._tasks[key] = (wanted[key], task)
-            elif rec.checks_enabled:
+            else:
                 rec.checks_enabled = False
                 rec.successes = rec.failures = 0
-                if rec.health is Health.DOWN:
-                    # nothing would ever bring it back: passive checks only now
+                if rec.health is Health.DOWN and active is not None and key in active.index:
+                    # in the running config without checks (no [health] table,
+                    # or `down = true`): nothing would ever bring it back.
+                    # Servers only old generations still have keep their state.
                     self._set_health(rec, Health.UP, "active checks disabled", "")
 
     async def _watch_generations(self) -> None:

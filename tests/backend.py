@@ -11,6 +11,13 @@ Modes (each listens on 127.0.0.1:PORT):
   reset   read 1 byte, then close with SO_LINGER 0 (a backend reset)
   proxy   parse a PROXY protocol v1/v2 header, reply with one JSON line
           describing it, then echo
+  proxy_raw  as proxy, and the JSON line also has "raw": the header's exact
+          bytes in hex (for byte-exact checks against the spec)
+  pong    line based: "PING" -> "+PONG\r\n", any other line -> "ID <port>\n"
+          (a healthy server for send/expect checks)
+  wrong   line based: "PING" -> "-ERR loading\r\n", any other line ->
+          "ID <port>\n" (serves clients but fails a send/expect check)
+  silent  accept, read and discard, never answer (a check times out)
 Prints "READY" on stdout once every port listens.
 """
 from __future__ import annotations
@@ -147,7 +154,7 @@ def parse_proxy_header(buf: bytes):
     return info, 16 + length
 
 
-async def _proxy(reader, writer, port):
+async def _proxy(reader, writer, port, raw=False):
     buf = b""
     try:
         while True:
@@ -163,6 +170,8 @@ async def _proxy(reader, writer, port):
                 return
             if info is not None:
                 break
+        if raw:
+            info["raw"] = buf[:used].hex()
         writer.write(json.dumps(info).encode() + b"\n")
         rest = buf[used:]
         if rest:
@@ -175,7 +184,47 @@ async def _proxy(reader, writer, port):
         writer.close()
 
 
-MODES = {"echo": _echo, "duplex": _duplex, "id": _id, "reset": _reset, "proxy": _proxy}
+async def _proxy_raw(reader, writer, port):
+    await _proxy(reader, writer, port, raw=True)
+
+
+async def _lines(reader, writer, port, ping_reply: bytes):
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            if line.strip() == b"PING":
+                writer.write(ping_reply)
+            else:
+                writer.write(f"ID {port}\n".encode())
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _pong(reader, writer, port):
+    await _lines(reader, writer, port, b"+PONG\r\n")
+
+
+async def _wrong(reader, writer, port):
+    await _lines(reader, writer, port, b"-ERR loading\r\n")
+
+
+async def _silent(reader, writer, port):
+    try:
+        while await reader.read(65536):
+            pass
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+MODES = {"echo": _echo, "duplex": _duplex, "id": _id, "reset": _reset, "proxy": _proxy,
+         "proxy_raw": _proxy_raw, "pong": _pong, "wrong": _wrong, "silent": _silent}
 
 
 async def main(mode: str, ports: list[int], host: str) -> None:
