@@ -111,6 +111,31 @@ void listener_maybe_resume(struct worker *w, uint32_t li)
     listener_arm(w, li);
 }
 
+/*
+ * Accept whatever waits in the queues right now, with plain non-blocking
+ * accept4() calls. Needed after a reload: while the old and the new worker of
+ * a slot both wait on the same socket, the kernel wakes only one waiter per
+ * new connection (accept waits are exclusive). If that one was the old
+ * worker, about to cancel its accept, the wakeup is lost with it and the
+ * connection would sit in the queue until the next one arrives. The master
+ * pokes the new worker when the old one reports that it stopped accepting.
+ */
+void listener_poke(struct worker *w)
+{
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
+        struct listener_rt *l = &w->ls[li];
+        int why;
+        if (l->fd < 0 || l->paused || w->draining || w->stopping)
+            continue;
+        while (room(w, li, &why) >= 1) {
+            int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0)
+                break;      /* EAGAIN: the queue is empty; errors: the armed accept sees them */
+            conn_start(w, li, fd);
+        }
+    }
+}
+
 void listener_stop_all(struct worker *w)
 {
     for (uint32_t li = 0; li < w->cfg->nlisteners; li++)

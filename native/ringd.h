@@ -9,7 +9,9 @@
 #ifndef RINGD_H
 #define RINGD_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <stdint.h>
 #include <stddef.h>
 #include <stdbool.h>
@@ -262,6 +264,7 @@ void listener_arm(struct worker *w, uint32_t li);
 void listener_pause(struct worker *w, uint32_t li, int err);
 void listener_maybe_resume(struct worker *w, uint32_t li);
 void listener_stop_all(struct worker *w);
+void listener_poke(struct worker *w);
 void on_accept(struct worker *w, struct io_uring_cqe *cqe);
 
 /* conn.c */

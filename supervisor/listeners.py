@@ -45,6 +45,9 @@ def bind_one(addr: Address, backlog: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(addr.sockaddr)
         sock.listen(backlog)
+        # workers accept through io_uring, which polls by itself; a worker's
+        # plain accept4() (listener_poke) must never block
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise

@@ -12,6 +12,7 @@ old generations may drain at once, up to ringd.max_draining_generations.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -248,6 +249,8 @@ class Master:
         gen = Generation(self.next_gen, cfg)
         self.next_gen += 1
         self.generations.append(gen)
+        if self.health is not None:
+            self.health.prepare_generation(gen)   # server states before any worker runs
         for slot, (cpu, sq_cpu) in enumerate(plan_cpus(cfg)):
             self._spawn(gen, slot, cpu, sq_cpu)
         return gen
@@ -371,7 +374,11 @@ class Master:
         that accepted on them has stopped accepting."""
         keep: set = set()
         for gen in self.generations:
-            if gen.state in ("starting", "active"):
+            # on a graceful stop even the current generation lets go of its
+            # sockets once its workers stopped accepting: new clients are
+            # refused at once (as nginx and HAProxy do) instead of queueing
+            # on a socket nobody will accept from
+            if gen.state in ("starting", "active") and not self.stopping:
                 keep |= gen.keys_in_use()
                 continue
             for w in gen.live():
@@ -427,6 +434,13 @@ class Master:
         elif t == lib.RINGD_EV_ACCEPT_STOPPED:
             w.accept_stopped = True
             self._retire_sockets()
+            # a wakeup for a connection may have gone to the worker that just
+            # stopped: let the current worker of that slot look at the queue
+            cur = self.active
+            if cur is not None and cur is not w.gen and w.slot < len(cur.workers):
+                nw = cur.workers[w.slot]
+                if nw is not None and nw.state == "ready":
+                    self._send(nw, lib.RINGD_CMD_POKE_ACCEPT)
         elif t == lib.RINGD_EV_EXITING:
             if ev.c:
                 self.log.warning("worker_closed_connections", closed=ev.c, **ctx)
@@ -456,6 +470,10 @@ class Master:
             steps = {1: "allocating connection table", 2: "io_uring_setup",
                      3: "first submit", 4: "io_uring_enter"}
             reason = f"{steps.get(ev.a, 'setup')} failed: {ev.error}"
+            if ev.a == 2 and ev.err == errno.ENOMEM:
+                reason += (" (io_uring memory counts against the locked-memory limit of the "
+                           "workers' user, summed over every live generation: raise "
+                           "LimitMEMLOCK= / ulimit -l, or lower [ring] entries)")
             w.fail_reason = f"worker {w.slot}: {reason}"
             self.log.error("worker_setup_failed", reason=reason, **ctx)
         elif t == lib.RINGD_EV_ACCEPT_ERROR:

@@ -470,3 +470,37 @@ def test_usr1_reopens_the_log_file(tmp_path):
                 json.loads(line)
         finally:
             r.stop()
+
+
+def test_sequential_client_never_waits_across_reloads(tmp_path):
+    """One client at a time (nothing else arriving to wake a worker up):
+    a connection that lands while a slot changes hands must still be served
+    at once, not sit in the queue until the next client comes."""
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2) as r:
+            slow: list[float] = []
+            stop = threading.Event()
+
+            def client():
+                k = 0
+                while not stop.is_set() and k < 20000:
+                    k += 1
+                    t0 = time.monotonic()
+                    try:
+                        assert echo_roundtrip(port, b"%d" % k, timeout=3) == b"%d" % k
+                    except Exception as e:
+                        slow.append(-1.0)
+                        continue
+                    dt = time.monotonic() - t0
+                    if dt > 0.5:
+                        slow.append(dt)
+            t = threading.Thread(target=client, daemon=True)
+            t.start()
+            for _ in range(30):
+                r.signal(signal.SIGHUP)
+                time.sleep(0.25)
+            r.wait_event("reload_ok", count=30, timeout=30)
+            stop.set()
+            t.join(10)
+            assert slow == [], slow
