@@ -105,6 +105,38 @@ void conn_expire_idle(struct worker *w)
     }
 }
 
+/*
+ * A spliced direction keeps a read armed with its pipe while bytes flow. A
+ * flow that then goes quiet would hold the pipe (and its share of the user's
+ * pipe pages) for as long as it stays open: after PARK_AFTER_MS of silence
+ * with an empty pipe, cancel that read; its completion re-arms a bare poll
+ * that holds no pipe.
+ */
+#define PARK_AFTER_MS 1000
+
+void conn_park_idle_pipes(struct worker *w)
+{
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
+        struct conn *head = &w->ls[li].lru_head;
+        for (struct conn *c = head->lru_next;
+             c != head && w->now_ms - c->last_ms >= PARK_AFTER_MS; c = c->lru_next) {
+            if (c->state != CS_FORWARDING)
+                continue;
+            for (unsigned i = 0; i < 2; i++) {
+                struct dir *d = &c->d[i];
+                if (d->mode != DM_SPLICE || d->pipe.rfd < 0 || d->in_pipe > 0 ||
+                    (d->flags & (DF_OUT_BUSY | DF_PARKING)) ||
+                    (d->flags & (DF_IN_BUSY | DF_IN_LINKED)) != (DF_IN_BUSY | DF_IN_LINKED))
+                    continue;
+                struct io_uring_sqe *sqe = get_sqe(w);
+                io_uring_prep_cancel64(sqe, ud(w, c, OP_POLL_IN, i), 0);
+                io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
+                d->flags |= DF_PARKING;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------ start */
 
 void conn_start(struct worker *w, uint32_t li, int cfd)
@@ -615,10 +647,15 @@ static void on_read_error(struct worker *w, struct conn *c, int err)
 static void on_splice_in(struct worker *w, struct conn *c, unsigned i, int res)
 {
     struct dir *d = &c->d[i];
+    bool parking = d->flags & DF_PARKING;
 
-    d->flags &= ~(DF_IN_BUSY | DF_IN_LINKED);
+    d->flags &= ~(DF_IN_BUSY | DF_IN_LINKED | DF_PARKING);
     if (c->state != CS_FORWARDING)
         return;
+    if (parking && res == -ECANCELED) {
+        dir_read(w, c, i);      /* empty pipe, nothing out: gives the pipe back */
+        return;
+    }
     if (res > 0) {
         d->in_pipe += (uint32_t)res;
         d->bytes += (uint64_t)res;

@@ -78,6 +78,7 @@ enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
 #define DF_BARE_POLL 0x40   /* the in-flight read is a bare poll (no pipe held) */
 #define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
 #define DF_POLL_FIRST 0x100 /* copy mode: the source is probably drained, poll first */
+#define DF_PARKING   0x200  /* splice mode: we cancelled the read to give the pipe back */
 
 struct pipe_ref {
     int rfd, wfd;
@@ -273,6 +274,7 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
 void conn_expire_idle(struct worker *w);
+void conn_park_idle_pipes(struct worker *w);
 void lru_touch(struct worker *w, struct conn *c);
 void conn_retry_recv(struct worker *w, uint64_t token);
 

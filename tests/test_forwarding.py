@@ -372,3 +372,36 @@ def test_sqpoll_auto_gives_the_poller_its_own_cpu(tmp_path):
         with Ringd(tmp_path / "all", conf, workers=NCPU) as r:
             assert {w["ring"] for w in r.status()["workers"]} == {"defer_taskrun"}
             assert echo_roundtrip(port, b"auto") == b"auto"
+
+
+def test_quiet_spliced_connection_gives_its_pipes_back(tmp_path):
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring="splice_threshold = 0")
+        with Ringd(tmp_path, conf, workers=1) as r:
+            s = connect(port)
+            blob = os.urandom(4 << 20)
+            import threading
+            got = bytearray()
+
+            def reader(n):
+                while len(got) < n:
+                    chunk = s.recv(1 << 20)
+                    assert chunk
+                    got.extend(chunk)
+            t = threading.Thread(target=reader, args=(len(blob),))
+            t.start()
+            s.sendall(blob)
+            t.join(20)
+            assert bytes(got) == blob
+            # quiet now: within a few ticks no pipe is held
+            wait_for(lambda: r.status()["workers"][0]["pipes_in_use"] == 0, 5,
+                     what="pipes given back")
+            # and the connection still works, both ways
+            got.clear()
+            t = threading.Thread(target=reader, args=(len(blob),))
+            t.start()
+            s.sendall(blob)
+            t.join(20)
+            assert bytes(got) == blob
+            s.close()
