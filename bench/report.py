@@ -128,8 +128,12 @@ def markdown(meta, data, details) -> str:
              f"(iperf3 -t, wrk -d); {meta['workers']} worker(s)/thread(s) per proxy")
     L.append(f"- load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
     if meta["neighbours"]:
-        L.append("- **other busy processes were running** (figures are noisier): "
+        L.append("- **other busy processes were running** at the start (figures are noisier): "
                  + "; ".join(f"`{n}`" for n in meta["neighbours"][:3]))
+    noisy = meta.get("noisy_sessions", [])
+    L.append(f"- sessions that started while a test suite, compiler or pip ran: "
+             f"{len(noisy)} of {meta.get('sessions', '?')}"
+             + (f" ({', '.join(noisy[:8])}{', ...' if len(noisy) > 8 else ''})" if noisy else ""))
     L.append("")
     L.append("## Results")
     L.append("")

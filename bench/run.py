@@ -192,6 +192,7 @@ class Runner:
         self.data: dict = {}        # system key -> metric -> [values]
         self.details: list = []     # one record per measurement
         self.errors: list = []
+        self.noisy: list = []       # sessions that started next to a test suite/build
 
     def put(self, system, metric, value):
         self.data.setdefault(system.key, {}).setdefault(metric, []).append(value)
@@ -298,6 +299,8 @@ class Runner:
     def run_system(self, system, rep):
         o = self.opts
         t0 = time.monotonic()
+        if busy_neighbours():
+            self.noisy.append(f"rep {rep} {system.label}")
         try:
             system.start(self.procs, self.tmp, o)
         except (StartError, OSError, subprocess.SubprocessError) as e:
@@ -449,6 +452,8 @@ def main(argv=None) -> int:
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
         "neighbours": neighbours,
+        "noisy_sessions": runner.noisy,
+        "sessions": opts.reps * len(systems),
         "errors": runner.errors,
         "quick": opts.quick,
         "systems": [[s.key, s.label] for s in systems],
