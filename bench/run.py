@@ -389,9 +389,10 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, set(opts.load_cpu_ids))
 
     def on_term(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+        raise KeyboardInterrupt(signum)
+    # SIGINT explicitly too: a shell starts background jobs with it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
 
     systems = [s for s in all_systems() if s.key in opts.systems]
     if not systems:
@@ -417,6 +418,7 @@ def main(argv=None) -> int:
     runner.tmp = tmp
     runner.t_start = time.monotonic()
     load_start = loadavg()
+    interrupted = False
     try:
         backends.start()
         for rep in range(1, opts.reps + 1):
@@ -424,15 +426,20 @@ def main(argv=None) -> int:
             for system in systems:
                 runner.run_system(system, rep)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted: stopping everything this run started", file=sys.stderr)
+        interrupted = True
     except StartError as e:
         print(f"benchmark aborted: {e}", file=sys.stderr)
         return 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)           # let the cleanup finish
         for s in systems:
             s.stop(procs)
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if interrupted:
+        return 130
     elapsed = time.monotonic() - runner.t_start
     meta = {
         "command": command,
@@ -475,7 +482,6 @@ def main(argv=None) -> int:
     print(md)
     print(f"written: {os.path.join(opts.out, 'latest.md')} (+ bench-{stamp}.md/.json); "
           f"{elapsed:.0f}s")
-    shutil.rmtree(tmp, ignore_errors=True)
     if runner.errors:
         # the report is written and lists them; a failed measurement is a
         # finding, not a broken benchmark
