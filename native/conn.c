@@ -9,9 +9,9 @@
  * A direction moves bytes in one of two modes:
  *
  *   DM_SPLICE  src socket -> pipe -> dst socket, never through user space.
- *              IORING_OP_SPLICE cannot poll, so a splice that would block is
- *              punted to an io-wq thread; we arm readiness first (a POLL_ADD
- *              linked to a SPLICE_F_NONBLOCK splice) and re-arm on -EAGAIN.
+ *              IORING_OP_SPLICE cannot poll (every one is punted to an io-wq
+ *              thread), so the ring reports readiness (POLL_ADD) and this
+ *              thread moves the bytes with non-blocking splice() calls.
  *   DM_COPY    recv into a buffer, send it on. Cheaper for small messages
  *              (two ops instead of three). A direction starts in copy mode and
  *              switches to splice once it has moved splice_threshold bytes in
@@ -38,8 +38,7 @@
 #include <string.h>
 #include <unistd.h>
 
-/* a splice-in smaller than this is a "message", not bulk: do not keep a read
- * armed (and a pipe held) while it is written out */
+/* a splice that moves less than this is a message, not bulk */
 #define SPLICE_BULK_READ 16384u
 /* this many small splice-ins in a row send a direction back to copy mode */
 #define SPLICE_BACK_AFTER 4
@@ -101,38 +100,6 @@ void conn_expire_idle(struct worker *w)
             lru_unlink(c);      /* closing conns leave the list for good */
             conn_close(w, c, RINGD_END_TIMEOUT, ETIMEDOUT);
             c = next;
-        }
-    }
-}
-
-/*
- * A spliced direction keeps a read armed with its pipe while bytes flow. A
- * flow that then goes quiet would hold the pipe (and its share of the user's
- * pipe pages) for as long as it stays open: after PARK_AFTER_MS of silence
- * with an empty pipe, cancel that read; its completion re-arms a bare poll
- * that holds no pipe.
- */
-#define PARK_AFTER_MS 1000
-
-void conn_park_idle_pipes(struct worker *w)
-{
-    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
-        struct conn *head = &w->ls[li].lru_head;
-        for (struct conn *c = head->lru_next;
-             c != head && w->now_ms - c->last_ms >= PARK_AFTER_MS; c = c->lru_next) {
-            if (c->state != CS_FORWARDING)
-                continue;
-            for (unsigned i = 0; i < 2; i++) {
-                struct dir *d = &c->d[i];
-                if (d->mode != DM_SPLICE || d->pipe.rfd < 0 || d->in_pipe > 0 ||
-                    (d->flags & (DF_OUT_BUSY | DF_PARKING)) ||
-                    (d->flags & (DF_IN_BUSY | DF_IN_LINKED)) != (DF_IN_BUSY | DF_IN_LINKED))
-                    continue;
-                struct io_uring_sqe *sqe = get_sqe(w);
-                io_uring_prep_cancel64(sqe, ud(w, c, OP_POLL_IN, i), 0);
-                io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
-                d->flags |= DF_PARKING;
-            }
         }
     }
 }
@@ -462,23 +429,15 @@ static void dir_shut(struct worker *w, struct conn *c, unsigned i)
 }
 
 static void sqe_poll(struct worker *w, struct conn *c, unsigned i, int fd, unsigned mask,
-                     enum op op, bool linked)
+                     enum op op)
 {
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_poll_add(sqe, fd, mask);
     io_uring_sqe_set_data64(sqe, ud(w, c, op, i));
-    if (linked)
-        sqe->flags |= IOSQE_IO_LINK;
     c->inflight++;
 }
 
-static void sqe_splice(struct worker *w, struct conn *c, unsigned i, int in, int out,
-                       uint32_t len, enum op op)
-{
-    struct io_uring_sqe *sqe = get_sqe(w);
-    io_uring_prep_splice(sqe, in, -1, out, -1, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-    io_uring_sqe_set_data64(sqe, ud(w, c, op, i));
-}
+static void splice_pump(struct worker *w, struct conn *c, unsigned i);
 
 static void dir_read(struct worker *w, struct conn *c, unsigned i)
 {
@@ -506,7 +465,7 @@ static void dir_read(struct worker *w, struct conn *c, unsigned i)
         }
         if (!d->buf) {
             /* idle: wait for data without holding a buffer */
-            sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, false);
+            sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN);
             d->flags |= DF_IN_BUSY | DF_BARE_POLL;
             return;
         }
@@ -518,45 +477,24 @@ static void dir_read(struct worker *w, struct conn *c, unsigned i)
         return;
     }
 
-    if (d->in_pipe == 0 && !(d->flags & DF_OUT_BUSY)) {
-        /* nothing in flight: give the pipe back and wait for data */
+    /* splice mode: wait until the source is readable; an empty pipe goes
+     * back to the pool meanwhile, so a quiet connection holds none */
+    if (d->in_pipe == 0)
         pipe_put(w, &d->pipe, false);
-        sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, false);
-        d->flags |= DF_IN_BUSY | DF_BARE_POLL;
-        return;
-    }
-    if (d->pipe.rfd < 0 || d->in_pipe >= d->pipe.cap)
-        return;               /* pipe full: the writer restarts us */
-    sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN, true);
-    sqe_splice(w, c, i, d->src, d->pipe.wfd, d->pipe.cap - d->in_pipe, OP_SPLICE_IN);
-    d->flags |= DF_IN_BUSY | DF_IN_LINKED;
-    c->inflight++;
+    sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN);
+    d->flags |= DF_IN_BUSY;
 }
 
+/* copy mode: send what the last recv got */
 static void dir_write(struct worker *w, struct conn *c, unsigned i)
 {
     struct dir *d = &c->d[i];
 
-    if (d->flags & (DF_OUT_BUSY | DF_SHUT))
+    if (d->flags & (DF_OUT_BUSY | DF_SHUT) || d->buf_len <= d->buf_off)
         return;
-    if (d->mode == DM_COPY) {
-        if (d->buf_len <= d->buf_off)
-            return;
-        struct io_uring_sqe *sqe = get_sqe(w);
-        io_uring_prep_send(sqe, d->dst, d->buf + d->buf_off, d->buf_len - d->buf_off,
-                           MSG_NOSIGNAL);
-        io_uring_sqe_set_data64(sqe, ud(w, c, OP_SEND, i));
-        d->flags |= DF_OUT_BUSY;
-        c->inflight++;
-        return;
-    }
-    if (d->in_pipe == 0)
-        return;
-    /* the socket is usually writable: splice at once, poll only after a
-     * partial write said it was full */
-    if (d->flags & DF_OUT_POLL)
-        sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT, true);
-    sqe_splice(w, c, i, d->pipe.rfd, d->dst, d->in_pipe, OP_SPLICE_OUT);
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_send(sqe, d->dst, d->buf + d->buf_off, d->buf_len - d->buf_off, MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, ud(w, c, OP_SEND, i));
     d->flags |= DF_OUT_BUSY;
     c->inflight++;
 }
@@ -573,7 +511,7 @@ static void dir_check_eof(struct worker *w, struct conn *c, unsigned i)
 }
 
 /* Copy mode: after a chunk was fully sent, maybe switch the direction to
- * splice, else read the next chunk into the same buffer. */
+ * splice, else read the next chunk. */
 static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
 {
     struct dir *d = &c->d[i];
@@ -587,7 +525,10 @@ static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
         d->mode = DM_SPLICE;
         d->small_reads = 0;
         dir_buf_release(w, d);
-    } else if (w->br || !(d->flags & DF_FULL_READ)) {
+        splice_pump(w, c, i);     /* more is probably waiting already */
+        return;
+    }
+    if (w->br || !(d->flags & DF_FULL_READ)) {
         /* with a buffer ring the kernel picks a buffer when data arrives;
          * without one, a message (not a stream) waits holding no buffer */
         dir_buf_release(w, d);
@@ -595,12 +536,113 @@ static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
     dir_read(w, c, i);
 }
 
+/*
+ * Splice mode. io_uring's own IORING_OP_SPLICE cannot poll: every one is
+ * punted to an io-wq thread, two thread hand-offs per chunk. So the ring only
+ * reports readiness (POLL_ADD), and the bytes are moved by plain non-blocking
+ * splice() calls from this thread: source -> pipe -> destination, as long as
+ * both sides take them (bounded, so one busy stream cannot starve the others),
+ * then a poll is armed for whichever side blocked.
+ */
+#define PUMP_ROUNDS 8
+
+static void splice_pump(struct worker *w, struct conn *c, unsigned i)
+{
+    struct dir *d = &c->d[i];
+    bool src_dry = false, dst_full = false, moved_any = false;
+
+    if (c->state != CS_FORWARDING || (d->flags & DF_SHUT))
+        return;
+    if (d->pipe.rfd < 0) {
+        int err = pipe_get(w, &d->pipe);
+        if (err < 0) {
+            if (w->br) {
+                /* no pipe to be had (fds, memory): copy instead of failing */
+                d->mode = DM_COPY;
+                d->streak = 0;
+                dir_read(w, c, i);
+                return;
+            }
+            conn_close(w, c, RINGD_END_RESOURCE, -err);
+            return;
+        }
+        d->in_pipe = 0;
+    }
+
+    for (int round = 0; round < PUMP_ROUNDS; round++) {
+        bool moved = false;
+        if (!(d->flags & (DF_EOF | DF_IN_BUSY)) && !src_dry && d->in_pipe < d->pipe.cap) {
+            ssize_t n = splice(d->src, NULL, d->pipe.wfd, NULL, d->pipe.cap - d->in_pipe,
+                               SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+            if (n > 0) {
+                d->in_pipe += (uint32_t)n;
+                d->bytes += (uint64_t)n;
+                if ((uint32_t)n < SPLICE_BULK_READ) {
+                    if (d->small_reads < 255)
+                        d->small_reads++;
+                } else {
+                    d->small_reads = 0;
+                }
+                moved = true;
+            } else if (n == 0) {
+                d->flags |= DF_EOF;
+            } else if (errno == EAGAIN) {
+                src_dry = true;
+            } else if (errno != EINTR) {
+                conn_close(w, c, RINGD_END_RESET, errno);
+                return;
+            }
+        }
+        if (d->in_pipe > 0 && !(d->flags & DF_OUT_BUSY) && !dst_full) {
+            ssize_t m = splice(d->pipe.rfd, NULL, d->dst, NULL, d->in_pipe,
+                               SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+            if (m > 0) {
+                d->in_pipe -= (uint32_t)m;
+                count_bytes(w, c, i, (uint32_t)m, true);
+                moved = true;
+            } else if (m < 0 && errno == EAGAIN) {
+                dst_full = true;
+            } else if (m < 0 && errno != EINTR) {
+                conn_close(w, c, RINGD_END_RESET, errno);
+                return;
+            }
+        }
+        moved_any |= moved;
+        if (!moved)
+            break;
+    }
+    if (moved_any)
+        lru_touch(w, c);
+
+    if ((d->flags & DF_EOF) && d->in_pipe == 0) {
+        dir_shut(w, c, i);
+        return;
+    }
+    if (d->in_pipe == 0 && !(d->flags & DF_IN_BUSY) && w->cfg->splice_threshold &&
+        d->small_reads >= SPLICE_BACK_AFTER) {
+        /* the stream turned into messages: back to the copy path */
+        pipe_put(w, &d->pipe, false);
+        d->mode = DM_COPY;
+        d->streak = 0;
+        d->flags |= DF_POLL_FIRST;
+        dir_read(w, c, i);
+        return;
+    }
+    /* bytes left in the pipe: wait until the destination takes more (at
+     * once if we only stopped for fairness) */
+    if (d->in_pipe > 0 && !(d->flags & DF_OUT_BUSY)) {
+        sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT);
+        d->flags |= DF_OUT_BUSY;
+    }
+    /* room in the pipe: wait for the source */
+    if (!(d->flags & (DF_EOF | DF_IN_BUSY)) && d->in_pipe < d->pipe.cap)
+        dir_read(w, c, i);
+}
+
 static void on_poll_in(struct worker *w, struct conn *c, unsigned i, int res)
 {
     struct dir *d = &c->d[i];
 
-    if (d->flags & DF_IN_LINKED)
-        return;               /* the linked splice reports (-ECANCELED if we failed) */
     d->flags &= ~(DF_IN_BUSY | DF_BARE_POLL);
     if (c->state != CS_FORWARDING)
         return;
@@ -618,109 +660,26 @@ static void on_poll_in(struct worker *w, struct conn *c, unsigned i, int res)
         dir_read(w, c, i);
         return;
     }
-    if (d->pipe.rfd < 0) {
-        int err = pipe_get(w, &d->pipe);
-        if (err < 0) {
-            if (w->br) {
-                /* no pipe to be had (fds, memory): copy instead of failing */
-                d->mode = DM_COPY;
-                d->streak = 0;
-                dir_read(w, c, i);
-                return;
-            }
-            conn_close(w, c, RINGD_END_RESOURCE, -err);
-            return;
-        }
-        d->in_pipe = 0;
-    }
-    /* readable now: splice without another poll */
-    sqe_splice(w, c, i, d->src, d->pipe.wfd, d->pipe.cap - d->in_pipe, OP_SPLICE_IN);
-    d->flags |= DF_IN_BUSY;
-    c->inflight++;
+    splice_pump(w, c, i);
 }
 
-static void on_read_error(struct worker *w, struct conn *c, int err)
-{
-    conn_close(w, c, RINGD_END_RESET, err);
-}
-
-static void on_splice_in(struct worker *w, struct conn *c, unsigned i, int res)
-{
-    struct dir *d = &c->d[i];
-    bool parking = d->flags & DF_PARKING;
-
-    d->flags &= ~(DF_IN_BUSY | DF_IN_LINKED | DF_PARKING);
-    if (c->state != CS_FORWARDING)
-        return;
-    if (parking && res == -ECANCELED) {
-        dir_read(w, c, i);      /* empty pipe, nothing out: gives the pipe back */
-        return;
-    }
-    if (res > 0) {
-        d->in_pipe += (uint32_t)res;
-        d->bytes += (uint64_t)res;
-        if ((uint32_t)res < SPLICE_BULK_READ) {
-            if (d->small_reads < 255)
-                d->small_reads++;
-        } else {
-            d->small_reads = 0;
-        }
-        lru_touch(w, c);
-        dir_write(w, c, i);
-        if ((uint32_t)res >= SPLICE_BULK_READ)
-            dir_read(w, c, i);    /* bulk: keep reading while we write */
-        return;
-    }
-    if (res == 0) {
-        d->flags |= DF_EOF;
-        dir_check_eof(w, c, i);
-        return;
-    }
-    if (res == -EAGAIN || res == -EINTR) {
-        dir_read(w, c, i);
-        return;
-    }
-    on_read_error(w, c, -res);
-}
-
-static void on_splice_out(struct worker *w, struct conn *c, unsigned i, int res)
+static void on_poll_out(struct worker *w, struct conn *c, unsigned i, int res)
 {
     struct dir *d = &c->d[i];
 
     d->flags &= ~DF_OUT_BUSY;
     if (c->state != CS_FORWARDING)
         return;
-    if (res > 0) {
-        d->in_pipe -= (uint32_t)res;
-        count_bytes(w, c, i, (uint32_t)res, true);
-        lru_touch(w, c);
-        if (d->in_pipe > 0) {
-            d->flags |= DF_OUT_POLL;
-            dir_write(w, c, i);
-        } else {
-            d->flags &= ~DF_OUT_POLL;
-        }
-        if (d->flags & DF_EOF) {
-            dir_check_eof(w, c, i);
-            return;
-        }
-        if (d->in_pipe == 0 && !(d->flags & DF_IN_BUSY) && w->cfg->splice_threshold &&
-            d->small_reads >= SPLICE_BACK_AFTER) {
-            /* the stream turned into messages: back to the copy path */
-            pipe_put(w, &d->pipe, false);
-            d->mode = DM_COPY;
-            d->streak = 0;
-            d->flags |= DF_POLL_FIRST;
-        }
-        dir_read(w, c, i);
+    if (res < 0) {
+        conn_close(w, c, RINGD_END_RESET, -res);
         return;
     }
-    if (res == -EAGAIN || res == -EINTR || res == 0) {
-        d->flags |= DF_OUT_POLL;
-        dir_write(w, c, i);
-        return;
-    }
-    conn_close(w, c, RINGD_END_RESET, -res);
+    splice_pump(w, c, i);
+}
+
+static void on_read_error(struct worker *w, struct conn *c, int err)
+{
+    conn_close(w, c, RINGD_END_RESET, err);
 }
 
 static void on_recv(struct worker *w, struct conn *c, unsigned i, int res, uint32_t cflags)
@@ -838,11 +797,8 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
     case OP_POLL_IN:
         on_poll_in(w, c, i, cqe->res);
         break;
-    case OP_SPLICE_IN:
-        on_splice_in(w, c, i, cqe->res);
-        break;
-    case OP_SPLICE_OUT:
-        on_splice_out(w, c, i, cqe->res);
+    case OP_POLL_OUT:
+        on_poll_out(w, c, i, cqe->res);
         break;
     case OP_RECV:
         on_recv(w, c, i, cqe->res, cqe->flags);
@@ -850,7 +806,6 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
     case OP_SEND:
         on_send(w, c, i, cqe->res);
         break;
-    case OP_POLL_OUT:
     default:
         break;
     }

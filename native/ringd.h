@@ -35,9 +35,7 @@ enum op {
     OP_CONNECT,
     OP_CONNECT_TIMEOUT, /* linked timeout of OP_CONNECT */
     OP_POLL_IN,         /* readiness of a direction's source (dir in bit) */
-    OP_SPLICE_IN,       /* source socket -> pipe */
     OP_POLL_OUT,        /* writability of a direction's destination */
-    OP_SPLICE_OUT,      /* pipe -> destination socket */
     OP_RECV,            /* copy mode: source socket -> buffer */
     OP_SEND,            /* copy mode: buffer -> destination socket */
     OP_HDR_SEND,        /* PROXY protocol header to the server */
@@ -69,16 +67,14 @@ enum conn_state {
 enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
 
 /* direction flags */
-#define DF_IN_BUSY   0x01   /* a read (poll/splice-in or recv) is in flight */
-#define DF_OUT_BUSY  0x02   /* a write (splice-out or send) is in flight */
+#define DF_IN_BUSY   0x01   /* a read (recv, or a poll for readable) is in flight */
+#define DF_OUT_BUSY  0x02   /* a write (send, or a poll for writable) is in flight */
 #define DF_EOF       0x04   /* the source sent FIN */
 #define DF_SHUT      0x08   /* FIN forwarded to the destination */
-#define DF_OUT_POLL  0x10   /* last write was partial: poll before writing */
-#define DF_IN_LINKED 0x20   /* the in-flight read is a linked poll+splice */
-#define DF_BARE_POLL 0x40   /* the in-flight read is a bare poll (no pipe held) */
+#define DF_OUT_POLL  0x10   /* copy mode: the last send was partial */
+#define DF_BARE_POLL 0x40   /* copy mode without a buffer ring: a poll, no buffer held */
 #define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
 #define DF_POLL_FIRST 0x100 /* copy mode: the source is probably drained, poll first */
-#define DF_PARKING   0x200  /* splice mode: we cancelled the read to give the pipe back */
 
 struct pipe_ref {
     int rfd, wfd;
@@ -274,7 +270,6 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
 void conn_expire_idle(struct worker *w);
-void conn_park_idle_pipes(struct worker *w);
 void lru_touch(struct worker *w, struct conn *c);
 void conn_retry_recv(struct worker *w, uint64_t token);
 

@@ -75,7 +75,6 @@ static void on_tick(struct worker *w)
     idle_trim(w);
     w->cfg->shm->heartbeat++;
     conn_expire_idle(w);
-    conn_park_idle_pipes(w);
     for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
         listener_maybe_resume(w, li);
     if (w->draining && !w->stopping && w->now_ms >= w->drain_deadline_ms) {
