@@ -593,7 +593,11 @@ static void splice_pump(struct worker *w, struct conn *c, unsigned i)
                 return;
             }
         }
-        if (d->in_pipe > 0 && !(d->flags & DF_OUT_BUSY) && !dst_full) {
+        /* write once reading is done for now (source dry, pipe full or EOF):
+         * fewer, larger writes wake the receiver less often */
+        bool read_done = src_dry || (d->flags & (DF_EOF | DF_IN_BUSY)) ||
+                         d->in_pipe >= d->pipe.cap;
+        if (read_done && d->in_pipe > 0 && !(d->flags & DF_OUT_BUSY) && !dst_full) {
             ssize_t m = splice(d->pipe.rfd, NULL, d->dst, NULL, d->in_pipe,
                                SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
             if (m > 0) {
