@@ -13,6 +13,7 @@ import socket
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log
+from .control import close_server
 from .metrics import Totals, make_registry
 
 MAX_HEADER = 8192
@@ -70,11 +71,7 @@ class Admin:
 
     async def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
-            try:
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await close_server(self.server)
             self.server = None
             self.sock = None
 

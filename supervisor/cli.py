@@ -87,13 +87,20 @@ def _locate(args) -> tuple[str, str]:
     return str(sock), str(pid)
 
 
-def cmd_check(args) -> int:
+def _load(path: str):
+    """The parsed config, or None after printing one line per error."""
     from .config import ConfigError, load
     try:
-        cfg = load(args.config)
+        return load(path)
     except ConfigError as e:
         for issue in e.errors:
             print(str(issue), file=sys.stderr)
+        return None
+
+
+def cmd_check(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     print(f"{args.config}: ok ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, "
           f"{cfg.ringd.workers} workers)")
@@ -101,12 +108,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_start(args) -> int:
-    from .config import ConfigError, load
-    try:
-        cfg = load(args.config)
-    except ConfigError as e:
-        for issue in e.errors:
-            print(str(issue), file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     from . import log
     try:

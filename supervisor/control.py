@@ -56,11 +56,7 @@ class ControlServer:
 
     async def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
-            try:
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await close_server(self.server)
             self.server = None
             try:
                 os.unlink(self.path)
@@ -123,6 +119,15 @@ class ControlServer:
 
     async def _ping(self, req) -> dict:
         return {"ok": True, "pid": os.getpid()}
+
+
+async def close_server(server: asyncio.AbstractServer, timeout: float = 1.0) -> None:
+    """Stop listening and give open clients `timeout` to finish."""
+    server.close()
+    try:
+        await asyncio.wait_for(server.wait_closed(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
 
 class ControlClientError(Exception):

@@ -196,7 +196,7 @@ def plan_cpus(config: Config) -> list[tuple[int, int]]:
     with at least two usable CPUs per worker; worker i then runs on the i-th
     CPU and its poller on the (workers + i)-th. Measured on a 2-core host,
     a poller that shares the worker's CPU spins against the very thread that
-    has to reap its completions (see README, "Ring modes")."""
+    has to reap its completions (see README, "Performance")."""
     cpus = sorted(os.sched_getaffinity(0))
     n = config.ringd.workers
     mode = config.ring.sqpoll
