@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import socket
 import threading
@@ -504,3 +505,32 @@ def test_sequential_client_never_waits_across_reloads(tmp_path):
             stop.set()
             t.join(10)
             assert slow == [], slow
+
+
+def _netns_available() -> bool:
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    res = __import__("subprocess").run(["unshare", "-n", "true"], capture_output=True)
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(not _netns_available(),
+                    reason="needs root and unshare -n (a network namespace of our own)")
+def test_reloads_changing_worker_count_drop_nothing_with_tcp_migrate_req(tmp_path):
+    """Shrinking from 2 workers to 1 closes slot 1's listening socket; with
+    net.ipv4.tcp_migrate_req = 1 (set in a namespace of our own, not on the
+    host) the connections queued on it move to slot 0's socket: 20 reloads
+    alternating 2 and 1 workers under load fail no connection."""
+    import json
+    import subprocess
+    import sys
+    res = subprocess.run(["unshare", "-n", sys.executable,
+                          str(Path(__file__).parent / "netns_reload.py"), str(tmp_path), "1"],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rejected"] == 0
+    assert out["listeners_closed"] >= 10       # slot 1's socket came and went
+    assert out["ok"] > 100
+    assert out["nfailures"] == 0, out
