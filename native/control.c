@@ -43,12 +43,7 @@ void check_accept_stopped(struct worker *w)
     if (!w->draining || w->accept_stopped || w->accept_armed_count > 0)
         return;
     w->accept_stopped = true;
-    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
-        if (w->ls[li].fd >= 0) {
-            close(w->ls[li].fd);
-            w->ls[li].fd = -1;
-        }
-    }
+    acceptors_close(w);
     event_send(w, RINGD_EV_ACCEPT_STOPPED, 0, 0, 0, w->active);
 }
 

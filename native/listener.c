@@ -1,12 +1,16 @@
 /*
  * listener.c: accepting on this worker's SO_REUSEPORT sockets, and pausing.
  *
+ * A listener has one socket per worker slot; a worker accepts on its own
+ * slot's socket and on the sockets of slots that no longer exist (the
+ * master assigns those "acceptors", see ringd_acceptor_cfg).
+ *
  * A multishot accept takes everything in the kernel's queue in one burst, up
  * to the whole backlog, before we see the first completion. So it is armed
  * only while there is room for such a burst (connections under
  * max_connections and fds under RLIMIT_NOFILE); closer to a limit we accept
  * one connection at a time, each a decision, so no connection is ever accepted
- * that we then have to drop. At the limit, accepting pauses: the socket stays
+ * that we then have to drop. At the limit, accepting pauses: the sockets stay
  * open, the kernel keeps queueing, and we resume when a connection closes.
  * Errors that say the process or system is short of fds or memory pause too,
  * retried on a timer instead of spinning on the error.
@@ -22,8 +26,8 @@
 static int64_t room(struct worker *w, uint32_t li, int *why)
 {
     int64_t by_max = (int64_t)w->cfg->listeners[li].max_conns - w->ls[li].active;
-    /* every listener may have one accept in flight */
-    int64_t by_fds = fd_headroom(w) / FDS_PER_CONN - (int64_t)w->cfg->nlisteners;
+    /* every acceptor may have one accept in flight */
+    int64_t by_fds = fd_headroom(w) / FDS_PER_CONN - (int64_t)w->nacc;
     *why = by_fds < by_max ? EMFILE : 0;
     return by_fds < by_max ? by_fds : by_max;
 }
@@ -34,39 +38,58 @@ static bool room_for_burst(struct worker *w, uint32_t li)
     return room(w, li, &why) > 2 * (int64_t)w->cfg->listeners[li].backlog + 64;
 }
 
+static void acceptor_arm(struct worker *w, uint32_t ai)
+{
+    struct acceptor *a = &w->acc[ai];
+    struct io_uring_sqe *sqe;
+
+    if (a->armed || a->fd < 0)
+        return;
+    sqe = get_sqe(w);
+    a->multishot = room_for_burst(w, a->li);
+    if (a->multishot)
+        io_uring_prep_multishot_accept(sqe, a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    else
+        io_uring_prep_accept(sqe, a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT, 0, ai, 0));
+    a->armed = true;
+    a->cancel_sent = false;
+    w->accept_armed_count++;
+}
+
+static void acceptor_cancel(struct worker *w, uint32_t ai)
+{
+    struct acceptor *a = &w->acc[ai];
+
+    if (!a->armed || a->cancel_sent)
+        return;
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_cancel64(sqe, ud_make(OP_ACCEPT, 0, ai, 0), 0);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT_CANCEL, 0, ai, 0));
+    a->cancel_sent = true;
+}
+
 void listener_arm(struct worker *w, uint32_t li)
 {
     struct listener_rt *l = &w->ls[li];
     int why;
 
-    if (l->armed || l->paused || w->draining || w->stopping)
+    if (l->paused || w->draining || w->stopping)
         return;
     if (room(w, li, &why) < 1) {
         listener_pause(w, li, why);
         return;
     }
-    struct io_uring_sqe *sqe = get_sqe(w);
-    l->multishot = room_for_burst(w, li);
-    if (l->multishot)
-        io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    else
-        io_uring_prep_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT, 0, li, 0));
-    l->armed = true;
-    l->cancel_sent = false;
-    w->accept_armed_count++;
+    for (uint32_t ai = 0; ai < w->nacc; ai++)
+        if (w->acc[ai].li == li)
+            acceptor_arm(w, ai);
 }
 
 static void listener_cancel(struct worker *w, uint32_t li)
 {
-    struct listener_rt *l = &w->ls[li];
-
-    if (!l->armed || l->cancel_sent)
-        return;
-    struct io_uring_sqe *sqe = get_sqe(w);
-    io_uring_prep_cancel64(sqe, ud_make(OP_ACCEPT, 0, li, 0), 0);
-    io_uring_sqe_set_data64(sqe, ud_make(OP_ACCEPT_CANCEL, 0, li, 0));
-    l->cancel_sent = true;
+    for (uint32_t ai = 0; ai < w->nacc; ai++)
+        if (w->acc[ai].li == li)
+            acceptor_cancel(w, ai);
 }
 
 void listener_pause(struct worker *w, uint32_t li, int err)
@@ -118,40 +141,53 @@ void listener_maybe_resume(struct worker *w, uint32_t li)
  * new connection (accept waits are exclusive). If that one was the old
  * worker, about to cancel its accept, the wakeup is lost with it and the
  * connection would sit in the queue until the next one arrives. The master
- * pokes the new worker when the old one reports that it stopped accepting.
+ * pokes the new workers when an old one reports that it stopped accepting.
  */
 void listener_poke(struct worker *w)
 {
-    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
-        struct listener_rt *l = &w->ls[li];
+    for (uint32_t ai = 0; ai < w->nacc; ai++) {
+        struct acceptor *a = &w->acc[ai];
         int why;
-        if (l->fd < 0 || l->paused || w->draining || w->stopping)
+        if (a->fd < 0 || w->ls[a->li].paused || w->draining || w->stopping)
             continue;
-        while (room(w, li, &why) >= 1) {
-            int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        while (room(w, a->li, &why) >= 1) {
+            int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (fd < 0)
                 break;      /* EAGAIN: the queue is empty; errors: the armed accept sees them */
-            conn_start(w, li, fd);
+            conn_start(w, a->li, fd);
         }
     }
 }
 
 void listener_stop_all(struct worker *w)
 {
-    for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
-        listener_cancel(w, li);
+    for (uint32_t ai = 0; ai < w->nacc; ai++)
+        acceptor_cancel(w, ai);
+}
+
+/* Draining and no accept left in flight: let go of our copies of the
+ * listening sockets (the master alone decides when one really closes). */
+void acceptors_close(struct worker *w)
+{
+    for (uint32_t ai = 0; ai < w->nacc; ai++) {
+        if (w->acc[ai].fd >= 0) {
+            close(w->acc[ai].fd);
+            w->acc[ai].fd = -1;
+        }
+    }
 }
 
 void on_accept(struct worker *w, struct io_uring_cqe *cqe)
 {
-    uint32_t li = ud_slot(cqe->user_data);
+    uint32_t ai = ud_slot(cqe->user_data);
     int res = cqe->res;
 
-    if (li >= w->cfg->nlisteners)
+    if (ai >= w->nacc)
         return;
-    struct listener_rt *l = &w->ls[li];
-    if (!(cqe->flags & IORING_CQE_F_MORE) && l->armed) {
-        l->armed = false;
+    struct acceptor *a = &w->acc[ai];
+    uint32_t li = a->li;
+    if (!(cqe->flags & IORING_CQE_F_MORE) && a->armed) {
+        a->armed = false;
         w->accept_armed_count--;
     }
 
@@ -159,8 +195,8 @@ void on_accept(struct worker *w, struct io_uring_cqe *cqe)
         /* A connection accepted while we were pausing or draining is still
          * served: it left the kernel's queue, nobody else can take it. */
         conn_start(w, li, res);
-        if (l->armed && l->multishot && !room_for_burst(w, li))
-            listener_cancel(w, li);     /* re-armed one at a time below */
+        if (a->armed && a->multishot && !room_for_burst(w, li))
+            acceptor_cancel(w, ai);     /* re-armed one at a time below */
     } else {
         switch (-res) {
         case ECANCELED:
@@ -184,7 +220,12 @@ void on_accept(struct worker *w, struct io_uring_cqe *cqe)
             break;
         }
     }
-    if (!l->armed)
-        listener_arm(w, li);
+    if (!a->armed && !w->ls[li].paused && !w->draining && !w->stopping) {
+        int why;
+        if (room(w, li, &why) < 1)
+            listener_pause(w, li, why);
+        else
+            acceptor_arm(w, ai);
+    }
     check_accept_stopped(w);
 }

@@ -124,12 +124,17 @@ struct conn {
 
 /* ------------------------------------------------------------ worker */
 
-struct listener_rt {
+/* one socket being accepted on (a listener has one or more) */
+struct acceptor {
     int fd;
+    uint32_t li;            /* its listener */
     bool armed;             /* an accept is in flight */
     bool multishot;         /* ... and it is a multishot one */
-    bool paused;            /* by max_connections or an fd shortage */
     bool cancel_sent;
+};
+
+struct listener_rt {
+    bool paused;            /* by max_connections or an fd shortage */
     int pause_err;          /* errno that paused us, 0 for max_connections */
     uint64_t resume_at_ms;  /* for fd shortages: retry time */
     struct __kernel_timespec connect_ts;   /* linked timeout of connects */
@@ -162,6 +167,8 @@ struct worker {
     uint32_t active;
 
     struct listener_rt *ls;
+    struct acceptor *acc;
+    uint32_t nacc;
     struct upstream_rt *us;
 
     /* pipe pool */
@@ -262,6 +269,7 @@ void listener_pause(struct worker *w, uint32_t li, int err);
 void listener_maybe_resume(struct worker *w, uint32_t li);
 void listener_stop_all(struct worker *w);
 void listener_poke(struct worker *w);
+void acceptors_close(struct worker *w);
 void on_accept(struct worker *w, struct io_uring_cqe *cqe);
 
 /* conn.c */

@@ -190,13 +190,22 @@ struct ringd_log_ring {
 /* ------------------------------------------------------- worker config */
 
 struct ringd_listener_cfg {
-    int32_t fd;
+    int32_t fd;                /* this worker slot's own socket */
     uint32_t upstream;
     uint32_t max_conns;        /* this worker's share */
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms;
     uint32_t access_log;
     uint32_t backlog;          /* listen() backlog: bounds a multishot accept burst */
+};
+
+/* Every socket the worker accepts on: its own slot's socket of each
+ * listener, plus sockets of slots that no longer exist (fewer workers than
+ * before), which it adopts instead of closing them (that would reset what
+ * is queued on them unless net.ipv4.tcp_migrate_req = 1). */
+struct ringd_acceptor_cfg {
+    int32_t fd;
+    uint32_t listener;
 };
 
 struct ringd_upstream_cfg {
@@ -239,6 +248,8 @@ struct ringd_worker_cfg {
     uint32_t nservers;
     uint32_t log_ring_records; /* capacity of each access log ring, power of two */
     const struct ringd_listener_cfg *listeners;
+    uint32_t nacceptors;
+    const struct ringd_acceptor_cfg *acceptors;
     const struct ringd_upstream_cfg *upstreams;
     const struct ringd_server_cfg *servers;
     struct ringd_shm_header *hdr;

@@ -136,11 +136,13 @@ static int worker_alloc(struct worker *w)
     if (w->conns == MAP_FAILED)
         w->conns = NULL;
     w->ls = calloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(struct listener_rt));
+    w->nacc = cfg->nacceptors;
+    w->acc = calloc(w->nacc ? w->nacc : 1, sizeof(struct acceptor));
     w->pipe_max = cfg->pipe_pool;
     w->pipes = calloc(w->pipe_max ? w->pipe_max : 1, sizeof(struct pipe_ref));
     w->buf_max = 256;
     w->bufs = calloc(w->buf_max, sizeof(char *));
-    if (!w->conns || !w->ls || !w->pipes || !w->bufs)
+    if (!w->conns || !w->ls || !w->acc || !w->pipes || !w->bufs)
         return -ENOMEM;
 
     w->free_head = UINT32_MAX;
@@ -149,10 +151,14 @@ static int worker_alloc(struct worker *w)
     for (uint32_t li = 0; li < cfg->nlisteners; li++) {
         struct listener_rt *l = &w->ls[li];
         uint32_t ms = cfg->listeners[li].connect_timeout_ms;
-        l->fd = cfg->listeners[li].fd;
         l->lru_head.lru_next = l->lru_head.lru_prev = &l->lru_head;
         l->connect_ts.tv_sec = ms / 1000;
         l->connect_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
+    }
+    for (uint32_t ai = 0; ai < w->nacc; ai++) {
+        w->acc[ai].fd = cfg->acceptors[ai].fd;
+        w->acc[ai].li = cfg->acceptors[ai].listener < cfg->nlisteners
+                            ? cfg->acceptors[ai].listener : 0;
     }
     if (balance_init(w) < 0)
         return -ENOMEM;
@@ -160,7 +166,7 @@ static int worker_alloc(struct worker *w)
     struct rlimit rl;
     int64_t soft = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? (int64_t)rl.rlim_cur : 1024;
     /* reserve: stdio, control socket, ring, listeners, and some slack */
-    w->fd_budget = soft - 32 - (int64_t)cfg->nlisteners;
+    w->fd_budget = soft - 32 - (int64_t)w->nacc;
     return 0;
 }
 
@@ -172,6 +178,7 @@ static void worker_free(struct worker *w)
     if (w->conns)
         munmap(w->conns, w->conns_bytes);
     free(w->ls);
+    free(w->acc);
     free(w->pipes);
     free(w->bufs);
 }

@@ -96,8 +96,29 @@ class ListenerSockets:
             raise
         return wanted, new
 
-    def fds_for(self, config: Config, slot: int) -> list[int]:
-        return [self._socks[_key(lst.listen, slot)].fileno() for lst in config.listeners]
+    def adoptable(self, config: Config) -> set[SocketKey]:
+        """Open sockets of slots this config no longer has (it runs fewer
+        workers than an earlier one did) on addresses it still listens on.
+        The remaining workers accept on them instead of closing them, which
+        would reset whatever is queued there (unless tcp_migrate_req=1)."""
+        n = config.ringd.workers
+        addrs = {(lst.listen.family, lst.listen.ip, lst.listen.port) for lst in config.listeners}
+        return {k for k in self._socks
+                if k.slot >= n and (k.family, k.ip, k.port) in addrs}
+
+    def acceptors_for(self, config: Config, slot: int, adopted: set[SocketKey]
+                      ) -> list[tuple[int, int]]:
+        """(fd, listener index) of every socket worker `slot` accepts on: its
+        own, and the adopted ones that fall to it (slot j goes to j % workers)."""
+        n = config.ringd.workers
+        out = []
+        for li, lst in enumerate(config.listeners):
+            out.append((self._socks[_key(lst.listen, slot)].fileno(), li))
+            for k in sorted(adopted, key=lambda k: k.slot):
+                if k.slot % n == slot and (k.family, k.ip, k.port) == \
+                        (lst.listen.family, lst.listen.ip, lst.listen.port) and k in self._socks:
+                    out.append((self._socks[k].fileno(), li))
+        return out
 
     def all_fds(self) -> list[int]:
         return [s.fileno() for s in self._socks.values()]

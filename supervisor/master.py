@@ -74,7 +74,8 @@ class Generation:
         self.slots = [SlotState() for _ in range(cfg.ringd.workers)]
         self.state = "starting"     # starting, active, draining, done
         self.drain_started: float | None = None
-        self.socket_keys = keys_of(cfg)
+        self.socket_keys = keys_of(cfg)        # plus the adopted ones, see Master
+        self.adopted: set = set()
         self.fail_reasons: list[str] = []
         # slots whose worker stays down for a while: their listening sockets
         # are closed so the kernel stops queueing connections nobody accepts
@@ -82,7 +83,8 @@ class Generation:
         self.released_slots: set[int] = set()
 
     def keys_in_use(self) -> set:
-        return {k for k in self.socket_keys if k.slot not in self.released_slots}
+        n = len(self.workers)
+        return {k for k in self.socket_keys if k.slot % n not in self.released_slots}
 
     def live(self) -> list[WorkerProc]:
         return [w for w in self.workers if w is not None]
@@ -248,6 +250,8 @@ class Master:
     def _new_generation(self, cfg: Config) -> Generation:
         gen = Generation(self.next_gen, cfg)
         self.next_gen += 1
+        gen.adopted = self.sockets.adoptable(cfg)
+        gen.socket_keys |= gen.adopted
         self.generations.append(gen)
         if self.health is not None:
             self.health.prepare_generation(gen)   # server states before any worker runs
@@ -283,8 +287,8 @@ class Master:
         from ringd.worker.main import WorkerSpec, child_main
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = WorkerSpec(slot=slot, cpu=cpu, sq_cpu=sq_cpu, generation=gen.number,
-                          config=gen.config,
-                          shm=gen.shm, listener_fds=self.sockets.fds_for(gen.config, slot),
+                          config=gen.config, shm=gen.shm,
+                          acceptors=self.sockets.acceptors_for(gen.config, slot, gen.adopted),
                           control_fd=child.fileno(), test_hooks=self.test_hooks)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -435,12 +439,12 @@ class Master:
             w.accept_stopped = True
             self._retire_sockets()
             # a wakeup for a connection may have gone to the worker that just
-            # stopped: let the current worker of that slot look at the queue
+            # stopped: let the current workers look at their queues
             cur = self.active
-            if cur is not None and cur is not w.gen and w.slot < len(cur.workers):
-                nw = cur.workers[w.slot]
-                if nw is not None and nw.state == "ready":
-                    self._send(nw, lib.RINGD_CMD_POKE_ACCEPT)
+            if cur is not None and cur is not w.gen:
+                for nw in cur.live():
+                    if nw.state == "ready":
+                        self._send(nw, lib.RINGD_CMD_POKE_ACCEPT)
         elif t == lib.RINGD_EV_EXITING:
             if ev.c:
                 self.log.warning("worker_closed_connections", closed=ev.c, **ctx)

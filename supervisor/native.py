@@ -218,7 +218,8 @@ def sqpoll_wanted(config: Config) -> bool:
 
 
 def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_cpu: int,
-                     listener_fds: list[int], control_fd: int, test_hooks: bool = False):
+                     acceptors: list[tuple[int, int]], control_fd: int,
+                     test_hooks: bool = False):
     """The struct ringd_worker_cfg for one worker, and the cdata objects that
     must stay alive as long as the C loop runs (returned together)."""
     keep = []
@@ -229,7 +230,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     listeners = ffi.new("struct ringd_listener_cfg[]", max(nl, 1))
     for i, lst in enumerate(config.listeners):
         lc = listeners[i]
-        lc.fd = listener_fds[i]
+        lc.fd = next(fd for fd, li in acceptors if li == i)
         lc.upstream = up_index[lst.upstream]
         lc.max_conns = max(1, -(-lst.max_connections // nworkers))
         lc.connect_timeout_ms = max(1, int(lst.connect_timeout * 1000))
@@ -283,6 +284,12 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     cfg.nservers = nsrv
     cfg.log_ring_records = shm.log_capacity
     cfg.listeners = listeners
+    acc = ffi.new("struct ringd_acceptor_cfg[]", max(len(acceptors), 1))
+    for k, (fd, li) in enumerate(acceptors):
+        acc[k].fd = fd
+        acc[k].listener = li
+    cfg.nacceptors = len(acceptors)
+    cfg.acceptors = acc
     cfg.upstreams = upstreams
     cfg.servers = servers
     cfg.hdr = shm.header
@@ -292,7 +299,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     cfg.wsrv = shm.wsrv(slot)
     cfg.log_ring = shm.log_ring(slot)
     cfg.log_records = shm.log_records(slot)
-    keep.extend([listeners, upstreams, servers])
+    keep.extend([listeners, upstreams, servers, acc])
     return cfg, keep
 
 

@@ -32,7 +32,7 @@ class WorkerSpec:
     generation: int
     config: object          # ringd.config.Config
     shm: object             # ringd.native.SharedState
-    listener_fds: list
+    acceptors: list         # (fd, listener index) of every socket it accepts on
     control_fd: int
     test_hooks: bool = False
 
@@ -78,7 +78,7 @@ def _drop_privileges(user: str | None, group: str | None) -> None:
 def run(spec: WorkerSpec) -> int:
     """Returns the process exit code."""
     _reset_signals()
-    _close_others(set(spec.listener_fds) | {spec.control_fd} | _log_fds())
+    _close_others({fd for fd, _ in spec.acceptors} | {spec.control_fd} | _log_fds())
 
     from ringd import log
     from ringd.native import build_worker_cfg, run_worker
@@ -109,7 +109,7 @@ def run(spec: WorkerSpec) -> int:
         return EXIT_PRIVS
 
     cfg, keep = build_worker_cfg(spec.config, spec.shm, spec.slot, spec.cpu, spec.sq_cpu,
-                                 spec.listener_fds, spec.control_fd, spec.test_hooks)
+                                 spec.acceptors, spec.control_fd, spec.test_hooks)
     rc = run_worker(cfg)
     del keep
     if rc < 0:
