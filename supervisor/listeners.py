@@ -3,8 +3,10 @@
 One SO_REUSEPORT socket per listener per worker slot, so the kernel spreads
 connections over the workers. Sockets are keyed by (address, slot): a reload
 hands slot i of the new generation the very socket slot i of the old one used,
-so no listening socket is closed and no queued connection is lost. A socket is
-closed only when its listener or slot disappears, after the workers that
+so no listening socket is closed and no queued connection is lost. When the
+worker count goes down, the sockets of the slots that went away are adopted by
+the remaining workers rather than closed. A socket is closed only when its
+listener disappears (or its slot's worker stays down), after the workers that
 accepted on it have stopped.
 """
 from __future__ import annotations
