@@ -76,7 +76,7 @@ static bool srv_usable(struct worker *w, struct conn *c, const struct ringd_upst
 {
     uint32_t rel = s - up->first_server;
 
-    if (rel < 32 && (c->tried_mask & (1u << rel)))
+    if (rel < 64 && (c->tried_mask & (1ull << rel)))
         return false;
     uint32_t mx = w->cfg->servers[s].max_conns;
     if (mx && __atomic_load_n(&w->cfg->srv[s].active, __ATOMIC_RELAXED) >= (int64_t)mx)
@@ -241,7 +241,7 @@ int balance_pick(struct worker *w, struct conn *c)
      * close the client before the health check has noticed. */
     for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++) {
         uint32_t rel = k - up->first_server;
-        bool tried = rel < 32 && (c->tried_mask & (1u << rel));
+        bool tried = rel < 64 && (c->tried_mask & (1ull << rel));
         if (!w->cfg->servers[k].backup && !tried && srv_up(w, up, k))
             return -1;
     }

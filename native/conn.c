@@ -177,7 +177,28 @@ static void conn_connect(struct worker *w, struct conn *c)
     const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
     struct ringd_listener_stats *st = lstats_of(w, c);
 
-    int idx = balance_pick(w, c);
+    int idx;
+    for (;;) {
+        idx = balance_pick(w, c);
+        if (idx < 0)
+            break;
+        /* Reserve a place under the server's max_connections atomically:
+         * several workers may have picked it at once. Lost the race: it is
+         * full after all, pick again (not a retry, nothing was tried). */
+        uint32_t mx = w->cfg->servers[idx].max_conns;
+        int64_t n = __atomic_add_fetch(&w->cfg->srv[idx].active, 1, __ATOMIC_RELAXED);
+        uint32_t r = (uint32_t)idx - up->first_server;
+        if (!mx || n <= (int64_t)mx || r >= 64) {
+            /* a connect in flight counts as active for the server, so that
+             * least_conn and max_connections see it before it completes */
+            w->cfg->wsrv[idx].active++;
+            c->server = idx;
+            c->srv_counted = 1;
+            break;
+        }
+        __atomic_sub_fetch(&w->cfg->srv[idx].active, 1, __ATOMIC_RELAXED);
+        c->tried_mask |= 1ull << r;
+    }
     if (idx < 0) {
         st->no_server++;
         struct upstream_rt *u = &w->us[lc->upstream];
@@ -193,14 +214,10 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     if (c->tries > 0)
         st->retries++;
-    c->server = idx;
     c->tries++;
-    /* a connect in flight counts as active for the server, so that
-     * least_conn and max_connections see it before it completes */
-    srv_count(w, c, true);
     uint32_t rel = (uint32_t)idx - up->first_server;
-    if (rel < 32)
-        c->tried_mask |= 1u << rel;
+    if (rel < 64)
+        c->tried_mask |= 1ull << rel;
 
     const struct ringd_server_cfg *sv = &w->cfg->servers[idx];
     int family = ((const struct sockaddr *)sv->addr)->sa_family;

@@ -109,7 +109,7 @@ struct conn {
     int cfd, sfd;
     int server;             /* index, -1 until chosen */
     int err;                /* errno that ended it, if any */
-    uint32_t tried_mask;    /* servers tried (first 32 of the upstream) */
+    uint64_t tried_mask;    /* servers tried (first 64 of the upstream) */
     struct dir d[2];
     uint64_t last_ms;       /* monotonic ms of last activity */
     uint64_t start_ns;      /* realtime, for the access log */
