@@ -853,17 +853,20 @@ void conn_close(struct worker *w, struct conn *c, int reason, int err)
         c->abortive = 1;
     lru_unlink(c);
 
-    /* wake everything still pending on the sockets; for a connect in
-     * progress, shutdown() aborts it */
     if (c->abortive) {
         struct linger lg = { 1, 0 };
         setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         if (c->sfd >= 0)
             setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     }
-    shutdown(c->cfd, SHUT_RDWR);
-    if (c->sfd >= 0)
-        shutdown(c->sfd, SHUT_RDWR);
+    /* wake everything still pending on the sockets (for a connect in
+     * progress, shutdown() aborts it); with nothing pending, as after a
+     * normal end, there is nothing to wake */
+    if (c->inflight > 0) {
+        shutdown(c->cfd, SHUT_RDWR);
+        if (c->sfd >= 0)
+            shutdown(c->sfd, SHUT_RDWR);
+    }
     conn_maybe_free(w, c);
 }
 
@@ -894,6 +897,13 @@ static void access_log(struct worker *w, struct conn *c)
     __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
 }
 
+static void sqe_close(struct worker *w, int fd)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_close(sqe, fd);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_NOP, 0, 0, 0));
+}
+
 static void conn_maybe_free(struct worker *w, struct conn *c)
 {
     if (c->state != CS_CLOSING || c->inflight > 0)
@@ -904,9 +914,11 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
         pipe_put(w, &c->d[i].pipe, c->d[i].in_pipe > 0);
         dir_buf_release(w, &c->d[i]);
     }
-    close(c->cfd);
+    /* closed through the ring: batched with the next submission, no
+     * syscall of its own */
+    sqe_close(w, c->cfd);
     if (c->sfd >= 0)
-        close(c->sfd);
+        sqe_close(w, c->sfd);
     srv_count(w, c, false);
     st->closed[c->end_reason]++;
     st->active--;
