@@ -195,16 +195,24 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def cmd_status(args) -> int:
+def _ask(args, payload: dict, timeout: float = 10) -> dict | None:
+    """One request to the running master; None after printing why it failed."""
     from .control import ControlClientError, request
     sock, _ = _locate(args)
     try:
-        reply = request(sock, {"cmd": "status"}, timeout=10)
+        reply = request(sock, payload, timeout=timeout)
     except ControlClientError as e:
         _err(str(e))
-        return 1
+        return None
     if not reply.get("ok"):
-        _err(reply.get("error", "status failed"))
+        _err(reply.get("error", f"{payload.get('cmd')} failed"))
+        return None
+    return reply
+
+
+def cmd_status(args) -> int:
+    reply = _ask(args, {"cmd": "status"})
+    if reply is None:
         return 1
     st = reply["status"]
     if args.json:
@@ -230,19 +238,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from .control import ControlClientError, request
     if args.action == "weight" and args.weight is None:
         _err("weight needs a value: ringd server UPSTREAM/SERVER weight N")
         return 2
-    sock, _ = _locate(args)
-    try:
-        reply = request(sock, {"cmd": "server", "server": args.target, "action": args.action,
-                               "weight": args.weight}, timeout=10)
-    except ControlClientError as e:
-        _err(str(e))
-        return 1
-    if not reply.get("ok"):
-        _err(reply.get("error", "failed"))
+    reply = _ask(args, {"cmd": "server", "server": args.target, "action": args.action,
+                        "weight": args.weight})
+    if reply is None:
         return 1
     s = reply["server"]
     print(f"{s['upstream']}/{s['server']}: state {s['state']} (admin {s['admin']}, "

@@ -171,17 +171,8 @@ class Ringd:
 
     # --------------------------------------------------------------- control
     def request(self, payload: dict, timeout: float = 30) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock))
-            s.sendall(json.dumps(payload).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        from ringd.control import request     # the CLI's own client
+        return request(str(self.sock), payload, timeout=timeout)
 
     def status(self) -> dict:
         reply = self.request({"cmd": "status"})
