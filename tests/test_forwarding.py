@@ -405,3 +405,24 @@ def test_quiet_spliced_connection_gives_its_pipes_back(tmp_path):
             t.join(20)
             assert bytes(got) == blob
             s.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_drop_to_the_configured_user(tmp_path):
+    import pwd
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    bport, port = free_ports(2)
+    with Backend("duplex", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring="splice_threshold = 0")
+        with Ringd(tmp_path, conf, workers=2,
+                   extra_ringd=f'user = "nobody"\ngroup = "{__import__("grp").getgrgid(nobody.pw_gid).gr_name}"\n') as r:
+            for w in r.status()["workers"]:
+                status = Path(f"/proc/{w['pid']}/status").read_text()
+                uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
+                assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4, uid_line
+            assert os.stat(f"/proc/{r.pid}").st_uid == 0        # the master keeps root
+            duplex(port, 3 << 20, 3 << 20)                      # splicing as nobody works
+            r.assert_no_traceback()
