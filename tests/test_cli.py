@@ -1,0 +1,84 @@
+"""`ringd check` and `ringd start` on broken files: one clear line per error
+naming the key (and the line), a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness import free_port
+
+RINGD = [sys.executable, "-m", "ringd"]
+
+
+def _good(port: int) -> str:
+    return textwrap.dedent(f"""\
+        [ringd]
+        workers = 1
+        pidfile = "/tmp/ringd-cli-test.pid"
+        control_socket = "/tmp/ringd-cli-test.sock"
+
+        [[listener]]
+        name = "web"
+        listen = "127.0.0.1:{port}"
+        upstream = "app"
+
+        [upstream.app]
+        servers = ["127.0.0.1:9"]
+        """)
+
+
+BROKEN = [
+    # (edit of the good file, text the error must contain)
+    (lambda t: t.replace('workers = 1', 'workers = "many"'), "ringd.workers"),
+    (lambda t: t.replace('workers = 1', 'workers = 1\nbogus = 2'), "ringd.bogus: unknown key"),
+    (lambda t: t.replace('listen = "127.0.0.1:', 'listen = "127.0.0.1:99999'), "listener[0].listen"),
+    (lambda t: t.replace('upstream = "app"', 'upstream = "nope"'), "listener[0].upstream"),
+    (lambda t: t.replace('["127.0.0.1:9"]', '["no-such-host.invalid:80"]'), "upstream.app.servers[0]"),
+    (lambda t: t + "\n[upstream.unused]\nservers = [\"127.0.0.1:1\"]\n", "upstream.unused"),
+    (lambda t: t.replace('[[listener]]', '[[listener]'), "TOML syntax error"),
+    (lambda t: t.replace('servers = ["127.0.0.1:9"]',
+                         'servers = [{ address = "127.0.0.1:9", weight = 0 }]'),
+     "upstream.app.servers[0].weight"),
+]
+
+
+@pytest.mark.parametrize("verb", ["check", "start"])
+@pytest.mark.parametrize("case", range(len(BROKEN)))
+def test_broken_files_give_one_clear_line(tmp_path, verb, case):
+    edit, want = BROKEN[case]
+    conf = tmp_path / "ringd.toml"
+    conf.write_text(edit(_good(free_port())))
+    res = subprocess.run(RINGD + [verb, "-c", str(conf)], capture_output=True, text=True,
+                         timeout=30)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert want in out, out
+    assert "Traceback" not in out
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith(str(conf)) for ln in lines), lines
+    assert all(":" in ln.split(str(conf), 1)[1][:8] for ln in lines)   # file:line:
+
+
+def test_missing_file_and_port_in_use(tmp_path):
+    res = subprocess.run(RINGD + ["check", "-c", str(tmp_path / "nope.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "nope.toml" in res.stderr and "Traceback" not in res.stderr
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        conf = tmp_path / "ringd.toml"
+        conf.write_text(_good(busy.getsockname()[1]).replace(
+            "/tmp/ringd-cli-test", str(tmp_path / "r")))
+        res = subprocess.run(RINGD + ["start", "-c", str(conf)], capture_output=True,
+                             text=True, timeout=30)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out
+        assert "listener[0].listen" in out and "Address already in use" in out
+        assert "Traceback" not in out
+    finally:
+        busy.close()
