@@ -773,16 +773,13 @@ static void on_send(struct worker *w, struct conn *c, unsigned i, int res)
         count_bytes(w, c, i, (uint32_t)res, false);
         lru_touch(w, c);
         if (d->buf_off < d->buf_len) {
-            d->flags |= DF_OUT_POLL;
-            dir_write(w, c, i);
+            dir_write(w, c, i);     /* partial: io_uring polls for room itself */
             return;
         }
-        d->flags &= ~DF_OUT_POLL;
         dir_copy_done(w, c, i);
         return;
     }
     if (res == -EAGAIN || res == -EINTR || res == 0) {
-        d->flags |= DF_OUT_POLL;
         dir_write(w, c, i);
         return;
     }

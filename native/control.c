@@ -97,10 +97,6 @@ void ctrl_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
                 check_accept_stopped(w);
             }
             break;
-        case RINGD_CMD_RESUME_ACCEPT:
-            for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
-                listener_maybe_resume(w, li);
-            break;
         case RINGD_CMD_POKE_ACCEPT:
             listener_poke(w);
             break;

@@ -71,7 +71,6 @@ enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
 #define DF_OUT_BUSY  0x02   /* a write (send, or a poll for writable) is in flight */
 #define DF_EOF       0x04   /* the source sent FIN */
 #define DF_SHUT      0x08   /* FIN forwarded to the destination */
-#define DF_OUT_POLL  0x10   /* copy mode: the last send was partial */
 #define DF_BARE_POLL 0x40   /* copy mode without a buffer ring: a poll, no buffer held */
 #define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
 #define DF_POLL_FIRST 0x100 /* copy mode: the source is probably drained, poll first */
@@ -145,8 +144,6 @@ struct listener_rt {
 struct upstream_rt {
     int32_t *cur_weight;    /* smooth weighted round robin state, [nservers] */
     uint32_t rr_next;       /* tie breaking */
-    uint32_t *maglev;       /* hash lookup table (server index per entry) */
-    uint32_t maglev_size;
     uint64_t no_server_pending;   /* for rate limited events */
     uint64_t no_server_last_ms;
 };
@@ -180,7 +177,6 @@ struct worker {
      * new connection could run the process out of fds */
     int64_t fd_budget;
     uint32_t pipe_size;
-    bool pipe_shrunk_reported;
 
     /* copy buffers: a simple free list of copy_buffer_size blocks (used
      * only where the kernel has no buffer rings) */
@@ -207,7 +203,6 @@ struct worker {
 
     /* timer */
     struct __kernel_timespec tick_ts;
-    bool tick_armed;
 
     uint64_t now_ms;
     bool draining;

@@ -62,7 +62,6 @@
 /* master -> worker commands (struct ringd_cmd over the control socketpair) */
 #define RINGD_CMD_DRAIN 1      /* arg: deadline in ms from now */
 #define RINGD_CMD_STOP 2       /* close everything, exit */
-#define RINGD_CMD_RESUME_ACCEPT 3
 #define RINGD_CMD_POKE_ACCEPT 4    /* accept what is queued now (see listener_poke) */
 
 /* worker -> master events (struct ringd_event) */

@@ -34,7 +34,6 @@ static void tick_arm(struct worker *w)
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_timeout(sqe, &w->tick_ts, 0, 0);
     io_uring_sqe_set_data64(sqe, ud_make(OP_TICK, 0, 0, 0));
-    w->tick_armed = true;
 }
 
 /*
@@ -71,7 +70,6 @@ static void idle_trim(struct worker *w)
 
 static void on_tick(struct worker *w)
 {
-    w->tick_armed = false;
     idle_trim(w);
     w->cfg->shm->heartbeat++;
     conn_expire_idle(w);
@@ -81,7 +79,7 @@ static void on_tick(struct worker *w)
         /* deadline: whatever is still open is closed and counted */
         w->stopping = true;
         conn_close_all(w, RINGD_END_DRAIN);
-        w->drain_deadline_ms = w->now_ms + STOP_GRACE_MS;
+        w->drain_deadline_ms = w->now_ms;   /* as a stop: STOP_GRACE_MS to wind down */
     } else if (w->stopping && w->now_ms >= w->drain_deadline_ms + STOP_GRACE_MS) {
         w->exit_loop = true;    /* something never completed: leave anyway */
     }

@@ -41,18 +41,12 @@ class Admin:
         self.master = master
         self.log = log.get()
         self.totals = Totals()
-        self.registry = make_registry(master, self.totals, self._extras)
+        self.registry = make_registry(master, self.totals,
+                                      lambda: {"health": master.health} if master.health else {})
         self.server: asyncio.AbstractServer | None = None
         self.sock: socket.socket | None = None
         self.addr = None
         self._clients = 0
-
-    def _extras(self) -> dict:
-        out = {}
-        for e in self.master.extras:
-            if type(e).__name__ == "HealthChecker":
-                out["health"] = e
-        return out
 
     # master hooks
     def fold_generation(self, gen) -> None:

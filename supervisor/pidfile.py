@@ -2,7 +2,6 @@
 `ringd start` learns that one is already running."""
 from __future__ import annotations
 
-import errno
 import os
 
 
@@ -82,6 +81,5 @@ def remove(path: str) -> None:
     if read(path) == os.getpid():
         try:
             os.unlink(path)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                pass
+        except OSError:
+            pass        # gone already, or not ours to remove
