@@ -459,9 +459,7 @@ def _regex(value: Any) -> str:
     value = _string(value)
     try:
         re.compile(value.encode("utf-8"))
-    except re.error as exc:
-        raise _Invalid(f"invalid regular expression {_quote(value)}: {exc}") from None
-    except (OverflowError, RecursionError, ValueError) as exc:
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
         raise _Invalid(f"invalid regular expression {_quote(value)}: {exc}") from None
     return value
 
