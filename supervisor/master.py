@@ -571,6 +571,7 @@ class Master:
     # ------------------------------------------------------------ watchdog
 
     async def _watchdog(self) -> None:
+        last_status = ""
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD)
             now = time.monotonic()
@@ -587,7 +588,10 @@ class Master:
                         self.log.error("worker_stalled", worker=w.slot, gen=gen.number,
                                        pid=w.pid, silent_for=round(now - w.hb_changed, 2))
                         self._kill_if_alive(w, "watchdog: heartbeat stalled")
-            notify.status(self._status_line())
+            line = self._status_line()
+            if line != last_status:         # systemd needs no repeats
+                notify.status(line)
+                last_status = line
 
     # ------------------------------------------------------------ reload
 
