@@ -494,10 +494,8 @@ static void dir_read(struct worker *w, struct conn *c, unsigned i)
         return;
     }
 
-    /* splice mode: wait until the source is readable; an empty pipe goes
-     * back to the pool meanwhile, so a quiet connection holds none */
-    if (d->in_pipe == 0)
-        pipe_put(w, &d->pipe, false);
+    /* splice mode: wait until the source is readable (the poll needs no
+     * pipe: splice_pump takes one when there is something to move) */
     sqe_poll(w, c, i, d->src, POLLIN, OP_POLL_IN);
     d->flags |= DF_IN_BUSY;
 }
@@ -649,14 +647,20 @@ static void splice_pump(struct worker *w, struct conn *c, unsigned i)
         dir_read(w, c, i);
         return;
     }
-    /* bytes left in the pipe: wait until the destination takes more (at
-     * once if we only stopped for fairness) */
-    if (d->in_pipe > 0 && !(d->flags & DF_OUT_BUSY)) {
-        sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT);
-        d->flags |= DF_OUT_BUSY;
+    if (d->in_pipe > 0) {
+        /* bytes left in the pipe: wait until the destination takes more
+         * (at once if we only stopped for fairness) */
+        if (!(d->flags & DF_OUT_BUSY)) {
+            sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT);
+            d->flags |= DF_OUT_BUSY;
+        }
+    } else {
+        /* nothing in flight: the pipe goes back to the pool, even while a
+         * poll for the source is armed, so a quiet connection holds none */
+        pipe_put(w, &d->pipe, false);
     }
-    /* room in the pipe: wait for the source */
-    if (!(d->flags & (DF_EOF | DF_IN_BUSY)) && d->in_pipe < d->pipe.cap)
+    /* room in the pipe (or none held): wait for the source */
+    if (!(d->flags & (DF_EOF | DF_IN_BUSY)) && (d->pipe.rfd < 0 || d->in_pipe < d->pipe.cap))
         dir_read(w, c, i);
 }
 
