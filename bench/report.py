@@ -8,18 +8,26 @@ METRICS = [
     ("bulk1_gbps", "bulk, 1 stream", "Gbit/s", "higher", 2),
     ("bulk1_cpu10g", "bulk, 1 stream: proxy CPU", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk1_core10g", "bulk, 1 stream: proxy's CPU incl. softirq", "CPU-s / 10 Gbit", "lower", 3),
+    ("bulk1_proxybusy", "bulk, 1 stream: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
+    ("bulk1_loadbusy", "bulk, 1 stream: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("bulk8_gbps", "bulk, 8 streams", "Gbit/s", "higher", 2),
     ("bulk8_cpu10g", "bulk, 8 streams: proxy CPU", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk8_core10g", "bulk, 8 streams: proxy's CPU incl. softirq", "CPU-s / 10 Gbit", "lower", 3),
+    ("bulk8_proxybusy", "bulk, 8 streams: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
+    ("bulk8_loadbusy", "bulk, 8 streams: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("keepalive_rps", "keepalive 64 B", "req/s", "higher", 0),
     ("keepalive_p50", "keepalive p50", "ms", "lower", 2),
     ("keepalive_p99", "keepalive p99", "ms", "lower", 2),
     ("keepalive_cpu100k", "keepalive: proxy CPU", "CPU-s / 100k req", "lower", 3),
     ("keepalive_core100k", "keepalive: proxy's CPU incl. softirq", "CPU-s / 100k req", "lower", 3),
+    ("keepalive_proxybusy", "keepalive: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
+    ("keepalive_loadbusy", "keepalive: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("close_rps", "Connection: close", "conn/s", "higher", 0),
     ("close_p99", "Connection: close p99", "ms", "lower", 2),
     ("close_cpu100k", "Connection: close: proxy CPU", "CPU-s / 100k conn", "lower", 3),
     ("close_core100k", "Connection: close: proxy's CPU incl. softirq", "CPU-s / 100k conn", "lower", 3),
+    ("close_proxybusy", "Connection: close: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
+    ("close_loadbusy", "Connection: close: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("idle_mem_kib", "idle: memory/conn (PSS + pipes)", "KiB", "lower", 2),
     ("idle_pss_kib", "idle: PSS/conn", "KiB", "lower", 2),
     ("idle_rss_kib", "idle: RSS/conn", "KiB", "lower", 2),
@@ -148,7 +156,7 @@ def markdown(meta, data, details) -> str:
     for key, label, unit, better, dec in METRICS:
         if not any(_vals(data, s, key) for s, _ in systems):
             continue
-        arrow = "↑" if better == "higher" else "↓"
+        arrow = {"higher": "↑", "lower": "↓"}.get(better, "")
         L.append(f"| {label} {arrow} | {unit} | "
                  + " | ".join(_cell(data, s, key, dec) for s, _ in systems) + " |")
     L.append("")
@@ -166,6 +174,8 @@ def markdown(meta, data, details) -> str:
         L.append("|---|" + "---|" * len(cols))
         for key, label, unit, better, dec in METRICS:
             if key.startswith("idle_") and key not in ("idle_mem_kib", "idle_pss_kib"):
+                continue
+            if better == "info":
                 continue
             cells = []
             for r, o in cols:
@@ -283,6 +293,11 @@ def markdown(meta, data, details) -> str:
              f"`option splice-auto`, {hp}, maxpipes 64, maxconn = idle count + 10, `ulimit-n` = the hard limit, bind backlog 4096")
     L.append(f"- nginx: `stream`, `worker_processes {meta['workers']}`, `worker_cpu_affinity`, "
              "`listen ... reuseport backlog=4096`, proxy buffers at defaults (16k)")
+    rb = meta.get("client_rcvbuf")
+    L.append(f"- client-side receive buffer: " + (
+        f"{rb} bytes for every proxy (ringd listener `rcvbuf = {rb}`, HAProxy "
+        f"`tune.rcvbuf.client {rb}`, nginx `listen ... rcvbuf={rb}`)" if rb
+        else "the kernel's autotuning for every proxy (`--client-rcvbuf` unset)"))
     L.append(f"- loads: `iperf3 -P 1|8 -t {meta['duration_s']:g}` to an iperf3 server; "
              f"`wrk -t1 -c{meta['wrk_conns']} -d{meta['duration_s']:g}s --latency` for a 64-byte "
              "file from an nginx HTTP backend (1 worker, keepalive_requests unbounded), the "

@@ -51,6 +51,10 @@ def parse_args(argv=None):
                          "quick 2000)")
     ap.add_argument("--wrk-conns", type=int, default=50, help="wrk connections (default 50)")
     ap.add_argument("--pipe-size", default="1MiB", help="ringd [ring] pipe_size (default 1MiB)")
+    ap.add_argument("--client-rcvbuf", type=int, default=0,
+                    help="SO_RCVBUF of client-side sockets for every proxy (ringd listener "
+                         "rcvbuf, HAProxy tune.rcvbuf.client, nginx listen rcvbuf=); "
+                         "default 0: the kernel's autotuning")
     ap.add_argument("--haproxy-pipesize", type=int, default=0,
                     help="HAProxy tune.pipesize in bytes (default: unset, i.e. the "
                          "kernel's 64 KiB)")
@@ -201,23 +205,42 @@ class Runner:
     def cpu_before(self, system):
         return procstat.cpu_snapshot(system.pids()) if system.proxy else None
 
-    def core_busy(self) -> float | None:
+    def core_busy(self, cpus=None) -> float | None:
         """Busy seconds (everything but idle and iowait, so softirq included)
-        of the CPUs the proxy runs on alone. The network stack's softirq work
-        that a proxy's send and receive calls cause is charged to no process
-        when the kernel accounts IRQ time apart; this counts it."""
+        of a set of CPUs, by default the CPUs the proxy runs on alone. The
+        network stack's softirq work that a proxy's send and receive calls
+        cause is charged to no process when the kernel accounts IRQ time
+        apart; this counts it."""
         if not self.opts.separated:
             return None
+        ids = self.opts.proxy_cpu_ids if cpus is None else cpus
         tick = os.sysconf("SC_CLK_TCK")
         busy = 0
         with open("/proc/stat") as f:
             for line in f:
                 name, *vals = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and \
-                        int(name[3:]) in self.opts.proxy_cpu_ids:
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in ids:
                     v = [int(x) for x in vals[:8]]
                     busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
         return busy / tick
+
+    def busy_start(self):
+        """Start of a load: wall clock and busy seconds of both CPU sets."""
+        return (time.monotonic(), self.core_busy(), self.core_busy(self.opts.load_cpu_ids))
+
+    def busy_end(self, system, scen, start):
+        """How busy the proxy's CPUs and the load's CPUs were during the load
+        (percent of their time). Tells which side set the pace: a load CPU at
+        100 % while the proxy's CPU idles means the figure is the load's."""
+        t0, p0, l0 = start
+        if p0 is None:
+            return
+        wall = time.monotonic() - t0
+        self.put(system, f"{scen}_proxybusy",
+                 100 * (self.core_busy() - p0) / (wall * len(self.opts.proxy_cpu_ids)))
+        self.put(system, f"{scen}_loadbusy",
+                 100 * (self.core_busy(self.opts.load_cpu_ids) - l0)
+                 / (wall * len(self.opts.load_cpu_ids)))
 
     def cpu_after(self, system, before):
         if not system.proxy:
@@ -228,8 +251,10 @@ class Runner:
         scen = f"bulk{streams}"
         before = self.cpu_before(system)
         core0 = self.core_busy() if system.proxy else None
+        busy = self.busy_start()
         res = loads.iperf3(system.ports["bulk"], streams, self.opts.duration,
                            self.opts.load_cpus)
+        self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
         if core0 is not None and res["bytes"]:
             core = (self.core_busy() - core0) / (res["bytes"] * 8 / 1e10)
@@ -249,8 +274,10 @@ class Runner:
         scen = "close" if close else "keepalive"
         before = self.cpu_before(system)
         core0 = self.core_busy() if system.proxy else None
+        busy = self.busy_start()
         res = loads.wrk(system.ports["http"], HTTP_PATH, self.opts.wrk_conns,
                         self.opts.duration, self.opts.load_cpus, close=close)
+        self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
         if core0 is not None and res["requests"]:
             self.put(system, f"{scen}_core100k",
@@ -483,6 +510,7 @@ def main(argv=None) -> int:
         "idle_note": opts.idle_note,
         "pipe_size": opts.pipe_size,
         "haproxy_pipesize": opts.haproxy_pipesize,
+        "client_rcvbuf": opts.client_rcvbuf,
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
         "neighbours": neighbours,

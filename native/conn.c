@@ -48,6 +48,22 @@ static void dir_write(struct worker *w, struct conn *c, unsigned i);
 static void conn_connect(struct worker *w, struct conn *c);
 static void conn_maybe_free(struct worker *w, struct conn *c);
 
+/* Fixed socket buffers where the config asks for them (listener/upstream
+ * rcvbuf, sndbuf). Setting one turns the kernel's autotuning off for that
+ * buffer; the kernel doubles the value and caps it at net.core.[rw]mem_max
+ * (the master warns about the cap when it loads the config). */
+static void socket_buffers(int fd, uint32_t rcvbuf, uint32_t sndbuf)
+{
+    if (rcvbuf) {
+        int v = (int)rcvbuf;
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof(v));
+    }
+    if (sndbuf) {
+        int v = (int)sndbuf;
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof(v));
+    }
+}
+
 static inline uint32_t conn_slot(struct worker *w, struct conn *c)
 {
     return (uint32_t)(c - w->conns);
@@ -141,6 +157,7 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     }
     c->start_ns = real_ns();
     c->start_mono_us = mono_us();
+    socket_buffers(cfd, lc->rcvbuf, lc->sndbuf);
 
     const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
     if (lc->access_log || up->proxy_protocol || up->balance == RINGD_BAL_HASH) {
@@ -231,6 +248,7 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    socket_buffers(fd, up->rcvbuf, up->sndbuf);
     c->sfd = fd;
 
     struct io_uring_sqe *sqe = get_sqe(w);

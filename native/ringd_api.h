@@ -22,7 +22,7 @@
  * handed to it in struct ringd_worker_cfg.
  */
 
-#define RINGD_ABI_VERSION 1
+#define RINGD_ABI_VERSION 2
 
 #define RINGD_ADDR_MAX 28          /* sizeof(struct sockaddr_in6) */
 
@@ -196,6 +196,8 @@ struct ringd_listener_cfg {
     uint32_t idle_timeout_ms;
     uint32_t access_log;
     uint32_t backlog;          /* listen() backlog: bounds a multishot accept burst */
+    uint32_t rcvbuf;           /* SO_RCVBUF of accepted sockets, 0 = kernel autotuning */
+    uint32_t sndbuf;           /* SO_SNDBUF of accepted sockets, 0 = kernel autotuning */
 };
 
 /* Every socket the worker accepts on: its own slot's socket of each
@@ -215,6 +217,8 @@ struct ringd_upstream_cfg {
     uint32_t proxy_protocol;   /* 0, 1 or 2 */
     uint32_t max_fails;        /* 0 = passive checks off */
     uint32_t fail_timeout_ms;
+    uint32_t rcvbuf;           /* SO_RCVBUF of server sockets, 0 = kernel autotuning */
+    uint32_t sndbuf;           /* SO_SNDBUF of server sockets, 0 = kernel autotuning */
 };
 
 struct ringd_server_cfg {

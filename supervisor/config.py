@@ -140,6 +140,8 @@ class Upstream:
     max_fails: int = 1
     fail_timeout: float = 10.0
     health: HealthCheck | None = None
+    rcvbuf: int = 0  # SO_RCVBUF of server sockets; 0 = the kernel's autotuning
+    sndbuf: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ class Listener:
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0
     access_log: bool = False
+    rcvbuf: int = 0  # SO_RCVBUF of accepted client sockets; 0 = the kernel's autotuning
+    sndbuf: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +225,11 @@ RING_KEYS = (
 ADMIN_KEYS = ("listen",)
 LISTENER_KEYS = (
     "name", "listen", "upstream", "backlog", "max_connections", "connect_timeout",
-    "idle_timeout", "access_log",
+    "idle_timeout", "access_log", "rcvbuf", "sndbuf",
 )
 UPSTREAM_KEYS = (
     "balance", "servers", "connect_retries", "proxy_protocol", "max_fails",
-    "fail_timeout", "health",
+    "fail_timeout", "rcvbuf", "sndbuf", "health",
 )
 SERVER_KEYS = ("address", "weight", "backup", "down", "max_connections")
 HEALTH_KEYS = ("interval", "timeout", "rise", "fall", "port", "send", "expect", "expect_regex")
@@ -385,6 +389,19 @@ def _size(lo: int, hi: int, *, power_of_two: bool = False) -> Converter:
         return size
 
     return convert
+
+
+def _socket_buffer(value: Any) -> int:
+    """SO_RCVBUF / SO_SNDBUF: 0 (the default) leaves the buffer to the kernel's
+    autotuning; else 4KiB..1GiB (the kernel doubles it and caps it at
+    net.core.rmem_max / wmem_max)."""
+    size = _parse_size(value)
+    if size == 0:
+        return 0
+    if not 4096 <= size <= 1 << 30:
+        shown = _quote(value) if isinstance(value, str) else str(value)
+        raise _Invalid(f"must be 0 (the kernel's autotuning) or between 4KiB and 1GiB, got {shown}")
+    return size
 
 
 def _boolean(value: Any) -> bool:
@@ -1000,6 +1017,8 @@ class _Checker:
         self.take(table, path, "proxy_protocol", _proxy_protocol, found)
         self.take(table, path, "max_fails", _integer(0, 65535), found)
         self.take(table, path, "fail_timeout", _duration(allow_zero=False), found)
+        self.take(table, path, "rcvbuf", _socket_buffer, found)
+        self.take(table, path, "sndbuf", _socket_buffer, found)
         if "health" in table:
             health = self.table(table["health"], path + ("health",))
             if health is not None:
@@ -1118,6 +1137,8 @@ class _Checker:
             self.take(table, lpath, "connect_timeout", _duration(allow_zero=False), found)
             self.take(table, lpath, "idle_timeout", _duration(allow_zero=False), found)
             self.take(table, lpath, "access_log", _boolean, found)
+            self.take(table, lpath, "rcvbuf", _socket_buffer, found)
+            self.take(table, lpath, "sndbuf", _socket_buffer, found)
             if name is not None:
                 if name in names:
                     self.error(

@@ -130,6 +130,7 @@ class Master:
                           hint="set it to 1 so that connections queued on a listening socket "
                                "that closes (fewer workers, a removed listener) move to the "
                                "remaining sockets instead of being reset")
+        self._check_buffer_caps(self.config)
         try:
             pidfile.write(self.pidfile_path)
         except pidfile.PidfileError as e:
@@ -595,6 +596,21 @@ class Master:
 
     # ------------------------------------------------------------ reload
 
+    def _check_buffer_caps(self, cfg) -> None:
+        """rcvbuf/sndbuf above net.core.rmem_max/wmem_max are capped by the
+        kernel without an error (workers may not be root); say so once per load."""
+        caps = {"rcvbuf": _sysctl("net/core/rmem_max"), "sndbuf": _sysctl("net/core/wmem_max")}
+        for kind, items in (("listener", cfg.listeners), ("upstream", cfg.upstreams)):
+            for item in items:
+                for key, cap in caps.items():
+                    want = getattr(item, key)
+                    if want and cap and cap.isdigit() and want > int(cap):
+                        sysctl = "net.core.rmem_max" if key == "rcvbuf" else "net.core.wmem_max"
+                        self.log.warning("socket_buffer_capped", where=f"{kind} {item.name}",
+                                         key=key, configured=want, effective=int(cap),
+                                         hint=f"the kernel caps it at {sysctl}; raise that "
+                                              "sysctl to get the configured size")
+
     async def reload(self) -> tuple[bool, str]:
         notify.reloading()
         self.log.info("reload_start", config=self.config_path)
@@ -616,6 +632,7 @@ class Master:
             new = config_mod.load(self.config_path)
         except ConfigError as e:
             return False, str(e)
+        self._check_buffer_caps(new)
         old_r = self.config.ringd
         for key in ("pidfile", "control_socket"):
             if getattr(new.ringd, key) != getattr(old_r, key):

@@ -237,6 +237,8 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         lc.idle_timeout_ms = max(1, int(lst.idle_timeout * 1000))
         lc.access_log = 1 if lst.access_log else 0
         lc.backlog = lst.backlog
+        lc.rcvbuf = lst.rcvbuf
+        lc.sndbuf = lst.sndbuf
 
     nsrv = sum(len(u.servers) for u in config.upstreams)
     upstreams = ffi.new("struct ringd_upstream_cfg[]", max(len(config.upstreams), 1))
@@ -251,6 +253,8 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         uc.proxy_protocol = {"v1": 1, "v2": 2}.get(up.proxy_protocol or "", 0)
         uc.max_fails = up.max_fails
         uc.fail_timeout_ms = int(up.fail_timeout * 1000)
+        uc.rcvbuf = up.rcvbuf
+        uc.sndbuf = up.sndbuf
         for srv in up.servers:
             sc = servers[k]
             raw = sockaddr_bytes(srv.address.family, srv.address.ip, srv.address.port)

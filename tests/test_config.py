@@ -161,12 +161,13 @@ def test_full_values_are_converted():
                 'watchdog_timeout = "0s"\nlog_file = "/tmp/x.log"')
     text = edit('entries = 4096', 'entries = 8\nsqpoll = "auto"\nsq_thread_idle = "0s"\n'
                 'pipe_size = "64KiB"\npipe_pool = 0\ncopy_buffer_size = 512\nsplice_threshold = 0', text)
-    text = edit('upstream = "app"', 'upstream = "app"\naccess_log = true\nidle_timeout = "1h"', text)
+    text = edit('upstream = "app"', 'upstream = "app"\naccess_log = true\nidle_timeout = "1h"\n'
+                'rcvbuf = "256KiB"\nsndbuf = 65536', text)
     text = edit(
         'servers = ["127.0.0.1:9001", "127.0.0.1:9002"]',
         'servers = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 256, backup = true,'
         ' down = true, max_connections = 7 }]\nbalance = "least_conn"\nproxy_protocol = "v2"\n'
-        'max_fails = 0\nconnect_retries = 0\n'
+        'max_fails = 0\nconnect_retries = 0\nrcvbuf = "1MiB"\nsndbuf = 0\n'
         '[upstream.app.health]\nport = 9999\nsend = "HEAD / HTTP/1.0\\r\\n\\r\\n"\n'
         'expect_regex = "^HTTP/1\\\\.[01] 200"\nrise = 1\nfall = 100\ninterval = "250ms"\n',
         text,
@@ -180,12 +181,14 @@ def test_full_values_are_converted():
         copy_buffer_size=512, splice_threshold=0,
     )
     assert config.listeners[0].access_log is True and config.listeners[0].idle_timeout == 3600.0
+    assert (config.listeners[0].rcvbuf, config.listeners[0].sndbuf) == (262144, 65536)
     app = config.upstream("app")
     assert app.servers[1] == cfg.Server(
         address=app.servers[1].address, name="127.0.0.1:9002", weight=256, backup=True,
         down=True, max_connections=7,
     )
     assert (app.balance, app.proxy_protocol, app.max_fails, app.connect_retries) == ("least_conn", "v2", 0, 0)
+    assert (app.rcvbuf, app.sndbuf) == (1048576, 0)
     assert app.health == cfg.HealthCheck(
         interval=0.25, timeout=1.0, rise=1, fall=100, port=9999,
         send=b"HEAD / HTTP/1.0\r\n\r\n", expect=None, expect_regex=r"^HTTP/1\.[01] 200",
@@ -381,6 +384,11 @@ CASES = [
     ("[upstream.app]", "[upstream.app]\nhealth = { fall = 101 }", "upstream.app.health.fall", 10,
      "between 1 and 100"),
     ("[upstream.app]", "[upstream.app]\nhealth = true", "upstream.app.health", 10, "expected a table"),
+    ('upstream = "app"', 'upstream = "app"\nrcvbuf = "1KiB"', "listener[0].rcvbuf", 9,
+     'must be 0 (the kernel\'s autotuning) or between 4KiB and 1GiB, got "1KiB"'),
+    ('upstream = "app"', 'upstream = "app"\nsndbuf = -4096', "listener[0].sndbuf", 9, "must not be negative"),
+    ("[upstream.app]", '[upstream.app]\nrcvbuf = "lots"', "upstream.app.rcvbuf", 10, 'got "lots"'),
+    ("[upstream.app]", '[upstream.app]\nsndbuf = "2GiB"', "upstream.app.sndbuf", 10, "between 4KiB and 1GiB"),
     ("[upstream.app]", "[upstream.app]\nsrevers = 1", "upstream.app.srevers", 10, 'did you mean "servers"?'),
 ]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 from pathlib import Path
 import os
+import re
+import subprocess
 import socket
 import struct
 import time
@@ -426,3 +428,62 @@ def test_workers_drop_to_the_configured_user(tmp_path):
             assert os.stat(f"/proc/{r.pid}").st_uid == 0        # the master keeps root
             duplex(port, 3 << 20, 3 << 20)                      # splicing as nobody works
             r.assert_no_traceback()
+
+
+def _skmem(local_port: int | None = None, peer_port: int | None = None) -> list[dict]:
+    """skmem of the established TCP sockets on 127.0.0.1 matching the ports
+    (ss -m: rb = receive buffer, tb = send buffer, as the kernel has them)."""
+    out = subprocess.run(["ss", "-tnmH", "state", "established"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout
+    found = []
+    # one socket per line, its skmem:(...) on the same or the next (indented) line
+    for block in re.split(r"\n(?=\S)", out):
+        addrs = re.findall(r"127\.0\.0\.1:(\d+)", block)
+        mem = re.search(r"skmem:\(([^)]*)\)", block)
+        if len(addrs) < 2 or not mem:
+            continue
+        local, peer = int(addrs[0]), int(addrs[1])
+        if local_port not in (None, local) or peer_port not in (None, peer):
+            continue
+        fields = dict(re.findall(r"([a-z_]+)(\d+)", mem.group(1)))
+        found.append({k: int(v) for k, v in fields.items()})
+    return found
+
+
+def test_socket_buffers_are_set_where_configured(tmp_path):
+    """listener rcvbuf/sndbuf on the client side, upstream rcvbuf/sndbuf on the
+    server side (the kernel doubles what was asked); another listener without
+    the keys keeps the kernel's autotuned buffers."""
+    bport, port, plain = free_ports(3)
+    conf = (listener("tuned", port, "tuned", rcvbuf="96KiB", sndbuf="40KiB")
+            + listener("plain", plain, "plain")
+            + upstream("tuned", [f"127.0.0.1:{bport}"], rcvbuf="72KiB", sndbuf=57344)
+            + upstream("plain", [f"127.0.0.1:{bport}"]))
+    with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=1):
+        with connect(port) as tuned_c, connect(plain) as plain_c:
+            for s in (tuned_c, plain_c):
+                s.sendall(b"ping")
+                assert s.recv(16) == b"ping"
+            client_side = _skmem(local_port=port, peer_port=tuned_c.getsockname()[1])
+            assert [(m["rb"], m["tb"]) for m in client_side] == [(2 * 96 * 1024, 2 * 40 * 1024)]
+            plain_side = _skmem(local_port=plain, peer_port=plain_c.getsockname()[1])
+            assert len(plain_side) == 1
+            assert (plain_side[0]["rb"], plain_side[0]["tb"]) != (2 * 96 * 1024, 2 * 40 * 1024)
+            to_servers = sorted((m["rb"], m["tb"]) for m in _skmem(peer_port=bport))
+            assert len(to_servers) == 2, to_servers
+            assert (2 * 72 * 1024, 2 * 57344) in to_servers
+            # the other one is autotuned: not the configured sizes
+            assert to_servers.count((2 * 72 * 1024, 2 * 57344)) == 1
+
+
+def test_socket_buffer_above_the_sysctl_cap_is_reported(tmp_path):
+    cap = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    bport, port = free_ports(2)
+    conf = (listener("web", port, "app", rcvbuf=2 * cap)
+            + upstream("app", [f"127.0.0.1:{bport}"]))
+    with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=1) as r:
+        [ev] = r.wait_event("socket_buffer_capped", timeout=10)
+        assert (ev["where"], ev["key"], ev["configured"], ev["effective"]) == (
+            "listener web", "rcvbuf", 2 * cap, cap)
+        assert "net.core.rmem_max" in ev["hint"]
+        assert echo_roundtrip(port, b"still forwards") == b"still forwards"
