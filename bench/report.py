@@ -283,9 +283,11 @@ def markdown(meta, data, details) -> str:
     L.append("## Settings")
     L.append("")
     L.append(f"- ringd: `[ringd] workers = {meta['workers']}`, `[ring] sqpoll = true|false`, "
-             f"`pipe_size = \"{meta['pipe_size']}\"`, other [ring] keys at their defaults "
+             f"`pipe_size = \"{meta['pipe_size']}\"`"
+             + "".join(f", `{line}`" for line in meta.get("ringd_ring", []))
+             + ", other [ring] keys at their defaults "
              "(sq_thread_idle 10ms, entries 4096, pipe_pool 64, copy_buffer_size 16KiB, "
-             "splice_threshold 64KiB); listeners backlog 4096, max_connections 20000; "
+             "splice_threshold 64KiB, notsent_lowat 512KiB); listeners backlog 4096, max_connections 20000; "
              "`max_fails = 0`; started as root under `taskset`")
     hp = (f"tune.pipesize {meta['haproxy_pipesize']}" if meta["haproxy_pipesize"]
           else "tune.pipesize unset (kernel default, 64 KiB)")

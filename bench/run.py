@@ -51,6 +51,9 @@ def parse_args(argv=None):
                          "quick 2000)")
     ap.add_argument("--wrk-conns", type=int, default=50, help="wrk connections (default 50)")
     ap.add_argument("--pipe-size", default="1MiB", help="ringd [ring] pipe_size (default 1MiB)")
+    ap.add_argument("--ringd-ring", action="append", default=[], metavar="'KEY = VALUE'",
+                    help="an extra line for ringd's [ring] table, e.g. 'notsent_lowat = 0' "
+                         "(repeatable; for A/B runs of ringd's settings)")
     ap.add_argument("--client-rcvbuf", type=int, default=0,
                     help="SO_RCVBUF of client-side sockets for every proxy (ringd listener "
                          "rcvbuf, HAProxy tune.rcvbuf.client, nginx listen rcvbuf=); "
@@ -511,6 +514,7 @@ def main(argv=None) -> int:
         "pipe_size": opts.pipe_size,
         "haproxy_pipesize": opts.haproxy_pipesize,
         "client_rcvbuf": opts.client_rcvbuf,
+        "ringd_ring": opts.ringd_ring,
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
         "neighbours": neighbours,

@@ -289,6 +289,7 @@ class Ringd(System):
             "[ring]",
             f"sqpoll = {'true' if self.sqpoll else 'false'}",
             f'pipe_size = "{opts.pipe_size}"',
+            *opts.ringd_ring,
             "",
         ]
         for name, port, backend in self.upstreams():

@@ -249,6 +249,10 @@ static void conn_connect(struct worker *w, struct conn *c)
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     socket_buffers(fd, up->rcvbuf, up->sndbuf);
+    if (w->cfg->notsent_lowat) {
+        int v = (int)w->cfg->notsent_lowat;
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
+    }
     c->sfd = fd;
 
     struct io_uring_sqe *sqe = get_sqe(w);

@@ -245,6 +245,7 @@ struct ringd_worker_cfg {
     uint32_t copy_buffer_size;
     uint32_t orphan_drain_ms;  /* drain deadline when the master vanishes */
     uint64_t splice_threshold; /* bytes a direction copies before it splices */
+    uint32_t notsent_lowat;    /* TCP_NOTSENT_LOWAT of both sockets, 0 = kernel default */
     uint32_t test_hooks;       /* 1: SIGUSR2 makes the loop stall (watchdog tests) */
     uint32_t nlisteners;
     uint32_t nupstreams;

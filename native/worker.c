@@ -13,6 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <malloc.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -157,6 +160,12 @@ static int worker_alloc(struct worker *w)
         w->acc[ai].fd = cfg->acceptors[ai].fd;
         w->acc[ai].li = cfg->acceptors[ai].listener < cfg->nlisteners
                             ? cfg->acceptors[ai].listener : 0;
+        /* accepted sockets inherit it from the listening socket: no
+         * syscall per connection (the newest generation's value wins) */
+        if (cfg->notsent_lowat) {
+            int v = (int)cfg->notsent_lowat;
+            setsockopt(w->acc[ai].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
+        }
     }
     if (balance_init(w) < 0)
         return -ENOMEM;

@@ -185,6 +185,7 @@ class RingSettings:
     pipe_pool: int = 64
     copy_buffer_size: int = 16384
     splice_threshold: int = 65536
+    notsent_lowat: int = 524288  # TCP_NOTSENT_LOWAT of both sockets; 0 = the kernel's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +221,7 @@ RINGD_KEYS = (
 )
 RING_KEYS = (
     "sqpoll", "sq_thread_idle", "entries", "pipe_size", "pipe_pool",
-    "copy_buffer_size", "splice_threshold",
+    "copy_buffer_size", "splice_threshold", "notsent_lowat",
 )
 ADMIN_KEYS = ("listen",)
 LISTENER_KEYS = (
@@ -980,6 +981,7 @@ class _Checker:
         self.take(table, path, "pipe_pool", _integer(0, 4096), found)
         self.take(table, path, "copy_buffer_size", _size(512, 1 << 20), found)
         self.take(table, path, "splice_threshold", _size(0, (1 << 63) - 1), found)
+        self.take(table, path, "notsent_lowat", _socket_buffer, found)
         return RingSettings(**found)
 
     def admin(self, raw: Any) -> AdminSettings:

@@ -281,6 +281,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     cfg.pipe_pool = ring.pipe_pool
     cfg.copy_buffer_size = ring.copy_buffer_size
     cfg.splice_threshold = min(ring.splice_threshold, (1 << 64) - 1)
+    cfg.notsent_lowat = ring.notsent_lowat
     cfg.orphan_drain_ms = int(min(config.ringd.drain_timeout, 3.0) * 1000)
     cfg.test_hooks = 1 if test_hooks else 0
     cfg.nlisteners = nl

@@ -140,7 +140,7 @@ def test_defaults():
     assert (r.respawn_delay, r.respawn_delay_max) == (0.1, 30.0)
     assert config.ring == cfg.RingSettings(
         sqpoll="auto", sq_thread_idle=0.01, entries=4096, pipe_size=1 << 20, pipe_pool=64,
-        copy_buffer_size=16384, splice_threshold=65536,
+        copy_buffer_size=16384, splice_threshold=65536, notsent_lowat=524288,
     )
     assert config.admin.listen is None
     l = config.listeners[0]
@@ -160,7 +160,8 @@ def test_full_values_are_converted():
     text = edit('workers = 2', 'workers = 3\nlog_level = "debug"\nuser = "root"\ngroup = "root"\n'
                 'watchdog_timeout = "0s"\nlog_file = "/tmp/x.log"')
     text = edit('entries = 4096', 'entries = 8\nsqpoll = "auto"\nsq_thread_idle = "0s"\n'
-                'pipe_size = "64KiB"\npipe_pool = 0\ncopy_buffer_size = 512\nsplice_threshold = 0', text)
+                'pipe_size = "64KiB"\npipe_pool = 0\ncopy_buffer_size = 512\nsplice_threshold = 0\n'
+                'notsent_lowat = 0', text)
     text = edit('upstream = "app"', 'upstream = "app"\naccess_log = true\nidle_timeout = "1h"\n'
                 'rcvbuf = "256KiB"\nsndbuf = 65536', text)
     text = edit(
@@ -178,7 +179,7 @@ def test_full_values_are_converted():
     assert config.ringd.log_file == "/tmp/x.log"
     assert config.ring == cfg.RingSettings(
         sqpoll="auto", sq_thread_idle=0.0, entries=8, pipe_size=65536, pipe_pool=0,
-        copy_buffer_size=512, splice_threshold=0,
+        copy_buffer_size=512, splice_threshold=0, notsent_lowat=0,
     )
     assert config.listeners[0].access_log is True and config.listeners[0].idle_timeout == 3600.0
     assert (config.listeners[0].rcvbuf, config.listeners[0].sndbuf) == (262144, 65536)

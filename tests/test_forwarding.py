@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 from pathlib import Path
 import os
 import re
@@ -17,6 +18,7 @@ from harness import (Backend, Ringd, connect, duplex, echo_roundtrip, fd_count, 
                      cmdline)
 
 NCPU = len(os.sched_getaffinity(0))
+TCP_NOTSENT_LOWAT = 25     # <netinet/tcp.h>; the socket module lacks the name
 
 
 def _conf(port, servers, ring="", lopts=None, uopts=None):
@@ -487,3 +489,58 @@ def test_socket_buffer_above_the_sysctl_cap_is_reported(tmp_path):
             "listener web", "rcvbuf", 2 * cap, cap)
         assert "net.core.rmem_max" in ev["hint"]
         assert echo_roundtrip(port, b"still forwards") == b"still forwards"
+
+
+def _worker_sockets(pid: int) -> list[socket.socket]:
+    """Copies of a worker's TCP sockets (pidfd_getfd(2); root or ptrace rights)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    socks = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)   # SYS_pidfd_getfd
+            if fd < 0:
+                continue
+            s = socket.socket(fileno=fd)
+            if s.type == socket.SOCK_STREAM and s.family == socket.AF_INET:
+                socks.append(s)
+            else:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return socks
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd on another process needs root")
+@pytest.mark.parametrize("lowat", [None, 0, 65536])
+def test_notsent_lowat_on_both_sockets(tmp_path, lowat):
+    """[ring] notsent_lowat (default 512KiB) is set on the listening socket,
+    so accepted client sockets inherit it, and on every socket to a server;
+    0 leaves the kernel's default (no limit)."""
+    bport, port = free_ports(2)
+    ring = "" if lowat is None else f"notsent_lowat = {lowat}"
+    want = 524288 if lowat is None else lowat
+    with Backend("echo", [bport]), Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"], ring=ring),
+                                         workers=1) as r:
+        with connect(port) as c:
+            c.sendall(b"ping")
+            assert c.recv(16) == b"ping"
+            [pid] = r.worker_pids()
+            found = {}
+            for s in _worker_sockets(pid):
+                with s:
+                    try:
+                        peer = s.getpeername()[1]
+                    except OSError:
+                        peer = None
+                    role = ("listening" if peer is None and s.getsockname()[1] == port
+                            else "client" if peer == c.getsockname()[1]
+                            else "server" if peer == bport else None)
+                    if role:
+                        found[role] = s.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
+            assert found == {"listening": want, "client": want, "server": want}
