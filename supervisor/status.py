@@ -43,6 +43,8 @@ def collect(master) -> dict:
                 "pipes_in_use": shm.pipes_in_use,
                 "pipe_size": shm.pipe_size,
                 "buf_waits": shm.buf_waits,
+                "loops": shm.loops,       # event loop iterations (one wait each)
+                "cqes": shm.cqes,         # completions handled
             }
             entry.update(_listener_totals(gen, slot))
             workers.append(entry)

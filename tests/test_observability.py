@@ -106,6 +106,11 @@ def test_healthz_and_status_endpoints(tmp_path):
             st = json.loads(body)
             assert code == 200 and st["generation"] == 1 and len(st["workers"]) == 2
             assert http_get(aport, "/nope")[0] == 404
+            # loop counters (bytes per wakeup = bytes / loops): present and counting
+            before = {w["slot"]: (w["loops"], w["cqes"]) for w in st["workers"]}
+            assert echo_roundtrip(port, b"count me") == b"count me"
+            after = {w["slot"]: (w["loops"], w["cqes"]) for w in r.status()["workers"]}
+            assert any(after[k][0] > before[k][0] and after[k][1] > before[k][1] for k in after)
             crash.write_text("x")
             os.kill(st["workers"][1]["pid"], signal.SIGKILL)
             wait_for(lambda: http_get(aport, "/healthz")[0] == 503, 5, what="503 with a dead slot")
