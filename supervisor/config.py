@@ -126,6 +126,9 @@ class HealthCheck:
     send: bytes | None = None
     expect: bytes | None = None  # the reply must start with these bytes
     expect_regex: str | None = None  # or match this (bytes) regular expression
+    # PROXY header first (v1 "UNKNOWN" / v2 LOCAL) when the upstream sends one;
+    # None: yes when the upstream has proxy_protocol and no check port is set
+    send_proxy: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +236,9 @@ UPSTREAM_KEYS = (
     "fail_timeout", "rcvbuf", "sndbuf", "health",
 )
 SERVER_KEYS = ("address", "weight", "backup", "down", "max_connections")
-HEALTH_KEYS = ("interval", "timeout", "rise", "fall", "port", "send", "expect", "expect_regex")
+HEALTH_KEYS = (
+    "interval", "timeout", "rise", "fall", "port", "send", "expect", "expect_regex", "send_proxy",
+)
 
 BALANCE_METHODS = ("round_robin", "least_conn", "hash", "random")
 LOG_FORMATS = ("json", "console", "auto")
@@ -1094,6 +1099,7 @@ class _Checker:
         self.take(table, path, "send", _bytes_string, found)
         self.take(table, path, "expect", _bytes_string, found)
         self.take(table, path, "expect_regex", _regex, found)
+        self.take(table, path, "send_proxy", _boolean, found)
         if "expect" in table and "expect_regex" in table:
             self.error(path + ("expect_regex",), 'set either "expect" or "expect_regex", not both')
         return HealthCheck(**found)

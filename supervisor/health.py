@@ -135,6 +135,7 @@ class CheckSpec:
     family: int
     port: int
     hc: HealthCheck
+    proxy: int = 0      # PROXY header before the check: 0 none, 1 v1, 2 v2
 
     @property
     def sockaddr(self) -> tuple:
@@ -170,6 +171,24 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         raise CheckFailed("connect refused", _errname(err))
     if err:
         raise CheckFailed("connect error", _errname(err))
+
+
+# The PROXY protocol's headers for a connection the proxy opens itself (a
+# health check): v1 "UNKNOWN", v2 command LOCAL; a receiver then takes the
+# connection's own addresses.
+PROXY_V1_CHECK = b"PROXY UNKNOWN\r\n"
+PROXY_V2_CHECK = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+
+
+def _check_proxy(up) -> int:
+    """Like HAProxy: checks carry the PROXY header when the upstream's traffic
+    does and the check goes to the traffic port; `send_proxy` overrides."""
+    if not up.proxy_protocol:
+        return 0
+    send = up.health.send_proxy
+    if send is None:
+        send = up.health.port is None
+    return {"v1": 1, "v2": 2}[up.proxy_protocol] if send else 0
 
 
 def _shown(data: bytes, limit: int = 64) -> str:
@@ -221,6 +240,13 @@ async def probe(spec: CheckSpec, regex=None) -> float:
 
     async def run() -> None:
         await _connect(loop, sock, spec.sockaddr)
+        if spec.proxy:
+            phase[0] = "send"
+            try:
+                await loop.sock_sendall(sock, PROXY_V1_CHECK if spec.proxy == 1
+                                        else PROXY_V2_CHECK)
+            except OSError as e:
+                raise CheckFailed("connection reset", _errname(e.errno or 0)) from None
         if hc.send:
             phase[0] = "send"
             try:
@@ -483,7 +509,7 @@ class HealthChecker:
                     continue        # administratively off in the file: not checked
                 out[(up.name, srv.name)] = CheckSpec(srv.address.ip, srv.address.family,
                                                      up.health.port or srv.address.port,
-                                                     up.health)
+                                                     up.health, _check_proxy(up))
         return out
 
     def _reconcile(self) -> None:

@@ -170,7 +170,8 @@ def test_full_values_are_converted():
         ' down = true, max_connections = 7 }]\nbalance = "least_conn"\nproxy_protocol = "v2"\n'
         'max_fails = 0\nconnect_retries = 0\nrcvbuf = "1MiB"\nsndbuf = 0\n'
         '[upstream.app.health]\nport = 9999\nsend = "HEAD / HTTP/1.0\\r\\n\\r\\n"\n'
-        'expect_regex = "^HTTP/1\\\\.[01] 200"\nrise = 1\nfall = 100\ninterval = "250ms"\n',
+        'expect_regex = "^HTTP/1\\\\.[01] 200"\nrise = 1\nfall = 100\ninterval = "250ms"\n'
+        'send_proxy = false\n',
         text,
     )
     config = cfg.loads(text)
@@ -193,6 +194,7 @@ def test_full_values_are_converted():
     assert app.health == cfg.HealthCheck(
         interval=0.25, timeout=1.0, rise=1, fall=100, port=9999,
         send=b"HEAD / HTTP/1.0\r\n\r\n", expect=None, expect_regex=r"^HTTP/1\.[01] 200",
+        send_proxy=False,
     )
 
 
@@ -385,6 +387,8 @@ CASES = [
     ("[upstream.app]", "[upstream.app]\nhealth = { fall = 101 }", "upstream.app.health.fall", 10,
      "between 1 and 100"),
     ("[upstream.app]", "[upstream.app]\nhealth = true", "upstream.app.health", 10, "expected a table"),
+    ("[upstream.app]", '[upstream.app]\nhealth.send_proxy = "v2"', "upstream.app.health.send_proxy", 10,
+     'expected true or false, got the string "v2"'),
     ('upstream = "app"', 'upstream = "app"\nrcvbuf = "1KiB"', "listener[0].rcvbuf", 9,
      'must be 0 (the kernel\'s autotuning) or between 4KiB and 1GiB, got "1KiB"'),
     ('upstream = "app"', 'upstream = "app"\nsndbuf = -4096', "listener[0].sndbuf", 9, "must not be negative"),

@@ -502,3 +502,43 @@ def test_passive_down_is_cleared_by_the_next_active_check(tmp_path):
     finally:
         for b in backends.values():
             b.stop()
+
+
+@pytest.mark.parametrize("version,send_proxy,state,expect", [
+    ("v1", None, "up", '{"version": 1, "proto": "UNKNOWN"}'),
+    ("v2", None, "up", '{"version": 2, "command": "LOCAL"'),
+    ("v1", False, "down", '{"version": 1'),     # the server wants the header: no header, no pass
+])
+def test_checks_of_a_proxy_protocol_upstream_send_the_header(tmp_path, version, send_proxy,
+                                                             state, expect):
+    """Like HAProxy: checks carry a PROXY header (v1 UNKNOWN, v2 LOCAL: "use
+    the connection's own addresses") when the upstream's traffic does."""
+    srv, port = free_ports(2)
+    extra = {} if send_proxy is None else {"send_proxy": send_proxy}
+    with Backend("proxy", [srv]):
+        conf = (listener("web", port, "app")
+                + upstream("app", [_addr(srv)], proxy_protocol=version)
+                + health_table("app", interval="200ms", timeout="400ms", rise=1, fall=1,
+                               send="hello\n", expect=expect, **extra))
+        with Ringd(tmp_path, conf, workers=1) as r:
+            _wait_state(r, _addr(srv), state)
+            if state == "down":
+                ev = r.wait_event("server_down", server=_addr(srv))[0]
+                assert ev["reason"] == "unexpected reply" and "error" in ev["error"]
+            else:
+                time.sleep(0.6)                  # a few more rounds, all passing
+                assert not r.events("server_down")
+            r.assert_no_traceback()
+
+
+def test_check_proxy_header_choice():
+    from ringd.health import _check_proxy
+    def up(pp, **hc):
+        return SimpleNamespace(proxy_protocol=pp, health=HealthCheck(**hc))
+    assert _check_proxy(up(None)) == 0
+    assert _check_proxy(up("v1")) == 1 and _check_proxy(up("v2")) == 2
+    # a check on another port (a status port) talks plain TCP, unless told to
+    assert _check_proxy(up("v2", port=9000)) == 0
+    assert _check_proxy(up("v2", port=9000, send_proxy=True)) == 2
+    assert _check_proxy(up("v1", send_proxy=False)) == 0
+    assert _check_proxy(up(None, send_proxy=True)) == 0     # nothing to speak
