@@ -21,10 +21,14 @@ def _taskset(cpus: str | None, argv: list[str]) -> list[str]:
     return (["taskset", "-c", cpus] if cpus else []) + argv
 
 
-def iperf3(port: int, streams: int, seconds: float, cpus: str | None) -> dict:
-    """One iperf3 client run; returns received bytes, seconds and Gbit/s."""
+def iperf3(port: int, streams: int, seconds: float, cpus: str | None,
+           reverse: bool = False) -> dict:
+    """One iperf3 client run; returns received bytes, seconds and Gbit/s.
+    reverse (-R): the server sends and the client receives, i.e. the bytes
+    flow backend -> proxy -> client, like a download."""
     argv = _taskset(cpus, ["iperf3", "-c", HOST, "-p", str(port), "-P", str(streams),
-                           "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000"])
+                           "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000"]
+                    + (["-R"] if reverse else []))
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 20)
     except subprocess.TimeoutExpired:

@@ -32,7 +32,7 @@ import report                     # noqa: E402
 from systems import (Backends, HTTP_PATH, Procs, StartError, all_systems,   # noqa: E402
                      cpu_list, have)
 
-SCENARIOS = ["bulk1", "bulk8", "keepalive", "close", "idle"]
+SCENARIOS = ["bulk1", "bulk8", "bulk1r", "keepalive", "close", "idle"]
 
 
 def parse_args(argv=None):
@@ -250,13 +250,13 @@ class Runner:
             return None
         return procstat.cpu_delta(before, procstat.cpu_snapshot(system.pids()))
 
-    def bulk(self, system, rep, streams):
-        scen = f"bulk{streams}"
+    def bulk(self, system, rep, streams, reverse=False):
+        scen = f"bulk{streams}" + ("r" if reverse else "")
         before = self.cpu_before(system)
         core0 = self.core_busy() if system.proxy else None
         busy = self.busy_start()
         res = loads.iperf3(system.ports["bulk"], streams, self.opts.duration,
-                           self.opts.load_cpus)
+                           self.opts.load_cpus, reverse=reverse)
         self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
         if core0 is not None and res["bytes"]:
@@ -377,6 +377,8 @@ class Runner:
                         msg = self.bulk(system, rep, 1)
                     elif scen == "bulk8":
                         msg = self.bulk(system, rep, 8)
+                    elif scen == "bulk1r":
+                        msg = self.bulk(system, rep, 1, reverse=True)
                     elif scen == "keepalive":
                         msg = self.http(system, rep, close=False)
                     elif scen == "close":
