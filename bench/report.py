@@ -203,8 +203,9 @@ def markdown(meta, data, details) -> str:
             cells = []
             for k in present:
                 r, met = res[k]
+                # three decimals: 0.404x must not read as the 0.40x it misses
                 cells.append("not measured" if met is None else
-                             f"{r:.2f}x: **{'met' if met else 'not met'}**")
+                             f"{r:.3f}x: **{'met' if met else 'not met'}**")
             L.append(f"| {text} | {target} | " + " | ".join(cells) + " |")
         L.append("")
         if meta["quick"]:
