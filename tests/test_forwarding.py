@@ -32,6 +32,8 @@ MODES = {
     "splice": 'splice_threshold = 0',
     "adaptive": '',
     "copy": 'splice_threshold = "1GiB"',
+    # a tiny notsent_lowat: sockets turn unwritable all the time (EAGAIN paths)
+    "lowat4k": 'notsent_lowat = "4KiB"',
 }
 
 
