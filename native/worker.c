@@ -161,11 +161,10 @@ static int worker_alloc(struct worker *w)
         w->acc[ai].li = cfg->acceptors[ai].listener < cfg->nlisteners
                             ? cfg->acceptors[ai].listener : 0;
         /* accepted sockets inherit it from the listening socket: no
-         * syscall per connection (the newest generation's value wins) */
-        if (cfg->notsent_lowat) {
-            int v = (int)cfg->notsent_lowat;
-            setsockopt(w->acc[ai].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
-        }
+         * syscall per connection (the newest generation's value wins; 0
+         * too, which puts the kernel's default back after a reload) */
+        int lowat = (int)cfg->notsent_lowat;
+        setsockopt(w->acc[ai].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
     }
     if (balance_init(w) < 0)
         return -ENOMEM;

@@ -529,20 +529,34 @@ def test_notsent_lowat_on_both_sockets(tmp_path, lowat):
     want = 524288 if lowat is None else lowat
     with Backend("echo", [bport]), Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"], ring=ring),
                                          workers=1) as r:
-        with connect(port) as c:
-            c.sendall(b"ping")
-            assert c.recv(16) == b"ping"
-            [pid] = r.worker_pids()
-            found = {}
-            for s in _worker_sockets(pid):
-                with s:
-                    try:
-                        peer = s.getpeername()[1]
-                    except OSError:
-                        peer = None
-                    role = ("listening" if peer is None and s.getsockname()[1] == port
-                            else "client" if peer == c.getsockname()[1]
-                            else "server" if peer == bport else None)
-                    if role:
-                        found[role] = s.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
-            assert found == {"listening": want, "client": want, "server": want}
+        assert _lowats(r, port, bport) == {"listening": want, "client": want, "server": want}
+        # a reload to another value (0 included) reaches the listening socket
+        other = 0 if want else 131072
+        r.write_config(_conf(port, [f"127.0.0.1:{bport}"], ring=f"notsent_lowat = {other}"))
+        res = r.cli("reload", "-c", str(r.conf))
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: len(r.worker_pids(gen=2)) == 1, 10, what="generation 2 worker")
+        assert _lowats(r, port, bport, gen=2) == {"listening": other, "client": other,
+                                                   "server": other}
+
+
+def _lowats(r, port: int, bport: int, gen: int | None = None) -> dict:
+    """TCP_NOTSENT_LOWAT of a worker's listening socket and of both sockets of
+    a fresh connection through it."""
+    with connect(port) as c:
+        c.sendall(b"ping")
+        assert c.recv(16) == b"ping"
+        [pid] = r.worker_pids(gen=gen)
+        found = {}
+        for s in _worker_sockets(pid):
+            with s:
+                try:
+                    peer = s.getpeername()[1]
+                except OSError:
+                    peer = None
+                role = ("listening" if peer is None and s.getsockname()[1] == port
+                        else "client" if peer == c.getsockname()[1]
+                        else "server" if peer == bport else None)
+                if role:
+                    found[role] = s.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
+        return found
