@@ -234,16 +234,19 @@ class Runner:
     def busy_end(self, system, scen, start):
         """How busy the proxy's CPUs and the load's CPUs were during the load
         (percent of their time). Tells which side set the pace: a load CPU at
-        100 % while the proxy's CPU idles means the figure is the load's."""
+        100 % while the proxy's CPU idles means the figure is the load's.
+        Returns the proxy CPUs' busy seconds (None if not separated)."""
         t0, p0, l0 = start
         if p0 is None:
-            return
+            return None
         wall = time.monotonic() - t0
+        proxy_s = self.core_busy() - p0
         self.put(system, f"{scen}_proxybusy",
-                 100 * (self.core_busy() - p0) / (wall * len(self.opts.proxy_cpu_ids)))
+                 100 * proxy_s / (wall * len(self.opts.proxy_cpu_ids)))
         self.put(system, f"{scen}_loadbusy",
                  100 * (self.core_busy(self.opts.load_cpu_ids) - l0)
                  / (wall * len(self.opts.load_cpu_ids)))
+        return proxy_s
 
     def cpu_after(self, system, before):
         if not system.proxy:
@@ -253,15 +256,13 @@ class Runner:
     def bulk(self, system, rep, streams, reverse=False):
         scen = f"bulk{streams}" + ("r" if reverse else "")
         before = self.cpu_before(system)
-        core0 = self.core_busy() if system.proxy else None
         busy = self.busy_start()
         res = loads.iperf3(system.ports["bulk"], streams, self.opts.duration,
                            self.opts.load_cpus, reverse=reverse)
-        self.busy_end(system, scen, busy)
+        core_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
-        if core0 is not None and res["bytes"]:
-            core = (self.core_busy() - core0) / (res["bytes"] * 8 / 1e10)
-            self.put(system, f"{scen}_core10g", core)
+        if system.proxy and core_s is not None and res["bytes"]:
+            self.put(system, f"{scen}_core10g", core_s / (res["bytes"] * 8 / 1e10))
         self.put(system, f"{scen}_gbps", res["gbps"])
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
         if cpu:
@@ -276,15 +277,13 @@ class Runner:
     def http(self, system, rep, close):
         scen = "close" if close else "keepalive"
         before = self.cpu_before(system)
-        core0 = self.core_busy() if system.proxy else None
         busy = self.busy_start()
         res = loads.wrk(system.ports["http"], HTTP_PATH, self.opts.wrk_conns,
                         self.opts.duration, self.opts.load_cpus, close=close)
-        self.busy_end(system, scen, busy)
+        core_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
-        if core0 is not None and res["requests"]:
-            self.put(system, f"{scen}_core100k",
-                     (self.core_busy() - core0) / (res["requests"] / 1e5))
+        if system.proxy and core_s is not None and res["requests"]:
+            self.put(system, f"{scen}_core100k", core_s / (res["requests"] / 1e5))
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
         self.put(system, f"{scen}_rps", res["rps"])
         self.put(system, f"{scen}_p50", res.get("p50_ms"))

@@ -48,19 +48,15 @@ static void dir_write(struct worker *w, struct conn *c, unsigned i);
 static void conn_connect(struct worker *w, struct conn *c);
 static void conn_maybe_free(struct worker *w, struct conn *c);
 
-/* Fixed socket buffers where the config asks for them (listener/upstream
- * rcvbuf, sndbuf). Setting one turns the kernel's autotuning off for that
- * buffer; the kernel doubles the value and caps it at net.core.[rw]mem_max
- * (the master warns about the cap when it loads the config). */
-static void socket_buffers(int fd, uint32_t rcvbuf, uint32_t sndbuf)
+/* An integer socket option the config sets; 0 = not set, the kernel's own.
+ * Fixed rcvbuf/sndbuf turn the kernel's autotuning off for that buffer; the
+ * kernel doubles them and caps them at net.core.[rw]mem_max (the master
+ * warns about the cap when it loads the config). */
+static void set_opt(int fd, int level, int name, uint32_t value)
 {
-    if (rcvbuf) {
-        int v = (int)rcvbuf;
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof(v));
-    }
-    if (sndbuf) {
-        int v = (int)sndbuf;
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof(v));
+    if (value) {
+        int v = (int)value;
+        setsockopt(fd, level, name, &v, sizeof(v));
     }
 }
 
@@ -157,7 +153,8 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     }
     c->start_ns = real_ns();
     c->start_mono_us = mono_us();
-    socket_buffers(cfd, lc->rcvbuf, lc->sndbuf);
+    set_opt(cfd, SOL_SOCKET, SO_RCVBUF, lc->rcvbuf);
+    set_opt(cfd, SOL_SOCKET, SO_SNDBUF, lc->sndbuf);
 
     const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
     if (lc->access_log || up->proxy_protocol || up->balance == RINGD_BAL_HASH) {
@@ -248,11 +245,9 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    socket_buffers(fd, up->rcvbuf, up->sndbuf);
-    if (w->cfg->notsent_lowat) {
-        int v = (int)w->cfg->notsent_lowat;
-        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
-    }
+    set_opt(fd, SOL_SOCKET, SO_RCVBUF, up->rcvbuf);
+    set_opt(fd, SOL_SOCKET, SO_SNDBUF, up->sndbuf);
+    set_opt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, w->cfg->notsent_lowat);
     c->sfd = fd;
 
     struct io_uring_sqe *sqe = get_sqe(w);

@@ -146,6 +146,11 @@ class Upstream:
     rcvbuf: int = 0  # SO_RCVBUF of server sockets; 0 = the kernel's autotuning
     sndbuf: int = 0
 
+    @property
+    def proxy_version(self) -> int:
+        """proxy_protocol as the data plane and the health checks number it: 0, 1 or 2."""
+        return {"v1": 1, "v2": 2}.get(self.proxy_protocol or "", 0)
+
 
 @dataclass(frozen=True, slots=True)
 class Listener:
@@ -382,32 +387,29 @@ def _power_of_two(lo: int, hi: int) -> Converter:
     return convert
 
 
-def _size(lo: int, hi: int, *, power_of_two: bool = False) -> Converter:
+def _size(lo: int, hi: int, *, power_of_two: bool = False, zero: str | None = None) -> Converter:
+    """A size in lo..hi; with `zero` (what 0 means), 0 is accepted too."""
     def convert(value: Any) -> int:
         size = _parse_size(value)
+        if size == 0 and zero is not None:
+            return 0
         shown = _quote(value) if isinstance(value, str) else str(value)
         if power_of_two and (size < lo or size > hi or size & (size - 1)):
             raise _Invalid(
                 f"must be a power of two between {_fmt_size(lo)} and {_fmt_size(hi)}, got {shown}"
             )
         if not lo <= size <= hi:
-            raise _Invalid(f"must be between {_fmt_size(lo)} and {_fmt_size(hi)}, got {shown}")
+            also = f"0 ({zero}) or " if zero is not None else ""
+            raise _Invalid(f"must be {also}between {_fmt_size(lo)} and {_fmt_size(hi)}, got {shown}")
         return size
 
     return convert
 
 
-def _socket_buffer(value: Any) -> int:
-    """SO_RCVBUF / SO_SNDBUF: 0 (the default) leaves the buffer to the kernel's
-    autotuning; else 4KiB..1GiB (the kernel doubles it and caps it at
-    net.core.rmem_max / wmem_max)."""
-    size = _parse_size(value)
-    if size == 0:
-        return 0
-    if not 4096 <= size <= 1 << 30:
-        shown = _quote(value) if isinstance(value, str) else str(value)
-        raise _Invalid(f"must be 0 (the kernel's autotuning) or between 4KiB and 1GiB, got {shown}")
-    return size
+# SO_RCVBUF / SO_SNDBUF (the kernel doubles the value and caps it at
+# net.core.rmem_max / wmem_max) and TCP_NOTSENT_LOWAT; 0 leaves it to the kernel
+_socket_buffer = _size(4096, 1 << 30, zero="the kernel's autotuning")
+_notsent_lowat = _size(4096, 1 << 30, zero="the kernel's default")
 
 
 def _boolean(value: Any) -> bool:
@@ -986,7 +988,7 @@ class _Checker:
         self.take(table, path, "pipe_pool", _integer(0, 4096), found)
         self.take(table, path, "copy_buffer_size", _size(512, 1 << 20), found)
         self.take(table, path, "splice_threshold", _size(0, (1 << 63) - 1), found)
-        self.take(table, path, "notsent_lowat", _socket_buffer, found)
+        self.take(table, path, "notsent_lowat", _notsent_lowat, found)
         return RingSettings(**found)
 
     def admin(self, raw: Any) -> AdminSettings:

@@ -183,12 +183,10 @@ PROXY_V2_CHECK = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
 def _check_proxy(up) -> int:
     """Like HAProxy: checks carry the PROXY header when the upstream's traffic
     does and the check goes to the traffic port; `send_proxy` overrides."""
-    if not up.proxy_protocol:
-        return 0
     send = up.health.send_proxy
     if send is None:
         send = up.health.port is None
-    return {"v1": 1, "v2": 2}[up.proxy_protocol] if send else 0
+    return up.proxy_version if send else 0
 
 
 def _shown(data: bytes, limit: int = 64) -> str:
@@ -240,17 +238,11 @@ async def probe(spec: CheckSpec, regex=None) -> float:
 
     async def run() -> None:
         await _connect(loop, sock, spec.sockaddr)
-        if spec.proxy:
+        header = {0: b"", 1: PROXY_V1_CHECK, 2: PROXY_V2_CHECK}[spec.proxy]
+        if header or hc.send:
             phase[0] = "send"
             try:
-                await loop.sock_sendall(sock, PROXY_V1_CHECK if spec.proxy == 1
-                                        else PROXY_V2_CHECK)
-            except OSError as e:
-                raise CheckFailed("connection reset", _errname(e.errno or 0)) from None
-        if hc.send:
-            phase[0] = "send"
-            try:
-                await loop.sock_sendall(sock, hc.send)
+                await loop.sock_sendall(sock, header + (hc.send or b""))
             except OSError as e:
                 raise CheckFailed("connection reset", _errname(e.errno or 0)) from None
         if hc.expect is not None or hc.expect_regex is not None:

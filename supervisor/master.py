@@ -599,13 +599,13 @@ class Master:
     def _check_buffer_caps(self, cfg) -> None:
         """rcvbuf/sndbuf above net.core.rmem_max/wmem_max are capped by the
         kernel without an error (workers may not be root); say so once per load."""
-        caps = {"rcvbuf": _sysctl("net/core/rmem_max"), "sndbuf": _sysctl("net/core/wmem_max")}
+        caps = {key: (sysctl, _sysctl(sysctl.replace(".", "/")))
+                for key, sysctl in (("rcvbuf", "net.core.rmem_max"), ("sndbuf", "net.core.wmem_max"))}
         for kind, items in (("listener", cfg.listeners), ("upstream", cfg.upstreams)):
             for item in items:
-                for key, cap in caps.items():
+                for key, (sysctl, cap) in caps.items():
                     want = getattr(item, key)
                     if want and cap and cap.isdigit() and want > int(cap):
-                        sysctl = "net.core.rmem_max" if key == "rcvbuf" else "net.core.wmem_max"
                         self.log.warning("socket_buffer_capped", where=f"{kind} {item.name}",
                                          key=key, configured=want, effective=int(cap),
                                          hint=f"the kernel caps it at {sysctl}; raise that "

@@ -250,7 +250,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         uc.nservers = len(up.servers)
         uc.balance = BALANCE[up.balance]
         uc.connect_retries = up.connect_retries
-        uc.proxy_protocol = {"v1": 1, "v2": 2}.get(up.proxy_protocol or "", 0)
+        uc.proxy_protocol = up.proxy_version
         uc.max_fails = up.max_fails
         uc.fail_timeout_ms = int(up.fail_timeout * 1000)
         uc.rcvbuf = up.rcvbuf

@@ -282,6 +282,17 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10,
     return s
 
 
+def connect_nowait(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A non-blocking socket whose connect is under way (not yet accepted)."""
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((host, port))
+    except BlockingIOError:
+        pass
+    return s
+
+
 def recv_all(s: socket.socket, limit: int = 1 << 30) -> bytes:
     chunks = []
     total = 0

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from harness import (Backend, Ringd, Traffic, backend_of, free_port, free_ports, health_table, hold_id,
+from harness import (Backend, Ringd, Traffic, backend_of, connect_nowait, free_port, free_ports, health_table, hold_id,
                      listener, read_line, servers_by_name, upstream, wait_for)
 
 FAST_CHECKS = dict(interval="200ms", timeout="500ms", rise=1, fall=1)
@@ -211,14 +211,7 @@ def test_max_connections_holds_under_a_burst(tmp_path):
             socks = []
             try:
                 for _ in range(40):
-                    s = socket.socket()
-                    s.settimeout(10)
-                    s.setblocking(False)
-                    try:
-                        s.connect(("127.0.0.1", port))
-                    except BlockingIOError:
-                        pass
-                    socks.append(s)
+                    socks.append(connect_nowait(port))
                 reached = Counter()
                 for s in socks:
                     s.setblocking(True)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import (Backend, Ringd, connect, duplex, echo_roundtrip, fd_count, free_port,
+from harness import (Backend, Ringd, connect, connect_nowait, duplex, echo_roundtrip, fd_count, free_port,
                      free_ports, listener, proc_threads, recv_all, rss_kib, upstream, wait_for,
                      cmdline)
 
@@ -268,13 +268,7 @@ def test_connect_timeout_ends_only_its_connection(tmp_path):
     try:
         # fill the accept queue so further SYNs are dropped
         for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            try:
-                f.connect(("127.0.0.1", bh))
-            except BlockingIOError:
-                pass
-            fillers.append(f)
+            fillers.append(connect_nowait(bh))
         time.sleep(0.2)
         with Backend("echo", [bport]):
             conf = (listener("slow", port, "hole", connect_timeout="300ms")

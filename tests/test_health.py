@@ -534,7 +534,7 @@ def test_checks_of_a_proxy_protocol_upstream_send_the_header(tmp_path, version, 
 def test_check_proxy_header_choice():
     from ringd.health import _check_proxy
     def up(pp, **hc):
-        return SimpleNamespace(proxy_protocol=pp, health=HealthCheck(**hc))
+        return config_mod.Upstream(name="u", proxy_protocol=pp, health=HealthCheck(**hc))
     assert _check_proxy(up(None)) == 0
     assert _check_proxy(up("v1")) == 1 and _check_proxy(up("v2")) == 2
     # a check on another port (a status port) talks plain TCP, unless told to
