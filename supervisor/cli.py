@@ -56,12 +56,12 @@ def _err(msg: str) -> None:
 def _peek(path: str | None) -> dict:
     """[ringd] of a config file without validating it: the CLI only needs to
     know where the running master is, even if the file is now broken."""
+    from .config import ConfigError, read_file
     if not path:
         path = DEFAULT_CONFIG
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
+        raw = read_file(path)
+    except ConfigError:
         return {}
     try:
         import tomllib

@@ -25,6 +25,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "Upstream",
     "load",
     "loads",
+    "read_file",
 ]
 
 
@@ -1280,15 +1282,59 @@ def _decode_issue(data: bytes, exc: UnicodeDecodeError, file: str) -> ConfigIssu
     return ConfigIssue("", line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x})", file)
 
 
+# A config file is a few KiB; the bound keeps `ringd check -c /dev/zero` (or a
+# runaway generated file) from eating the host's memory.
+MAX_CONFIG_BYTES = 4 << 20
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the config file at ``path``: a regular file of at most
+    MAX_CONFIG_BYTES; anything else raises ConfigError with one clear line."""
+    file = os.fsdecode(path)
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError([ConfigIssue("", None, message, file)])
+
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise fail(f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+            raise fail(f"cannot read config file: it is {kind}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:   # the size in stat may lie (/proc) or grow
+            chunk = os.read(fd, min(1 << 20, MAX_CONFIG_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise fail(f"cannot read config file: larger than {_fmt_size(MAX_CONFIG_BYTES)} "
+                       "(is this the right file?)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise fail(f"cannot read config file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def load(path: str | os.PathLike) -> Config:
     """Read and check the config file at ``path``; raise ConfigError on any problem."""
     file = os.fsdecode(path)
-    try:
-        with open(file, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError([ConfigIssue("", None, f"cannot read config file: {reason}", file)]) from None
+    data = read_file(file)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -82,3 +82,22 @@ def test_missing_file_and_port_in_use(tmp_path):
         assert "Traceback" not in out
     finally:
         busy.close()
+
+
+def _limited_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+@pytest.mark.parametrize("verb", ["check", "start", "reload", "stop"])
+def test_config_from_a_device_is_refused_not_read_forever(tmp_path, verb):
+    """`ringd check -c /dev/zero` once grew to 24 GB before the OOM killer came."""
+    where = [] if verb in ("check", "start") else ["-s", str(tmp_path / "no.sock"),
+                                                   "-p", str(tmp_path / "no.pid")]
+    res = subprocess.run(RINGD + [verb, "-c", "/dev/zero"] + where, capture_output=True,
+                         text=True, timeout=30, preexec_fn=_limited_memory)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "MemoryError" not in res.stderr, res.stderr[-2000:]
+    if verb in ("check", "start"):
+        assert res.stderr.strip() == ("/dev/zero: cannot read config file: it is a character "
+                                      "device, not a regular file")

@@ -686,3 +686,27 @@ def test_bytes_input_and_error_object():
     error = cfg.ConfigError([cfg.ConfigIssue("a.b", 3, "bad", "f.toml"), cfg.ConfigIssue("c", None, "worse", "f.toml")])
     assert str(error) == "f.toml:3: a.b: bad\nf.toml: c: worse"
     assert len(error.errors) == 2
+
+
+def test_load_refuses_devices_pipes_and_huge_files(tmp_path):
+    """`ringd check -c /dev/zero` once read until the OOM killer came."""
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load("/dev/zero")
+    assert str(info.value) == ("/dev/zero: cannot read config file: it is a character device, "
+                               "not a regular file")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(cfg.ConfigError) as info:       # no writer: must not block in open()
+        cfg.load(fifo)
+    assert "it is a pipe (FIFO), not a regular file" in str(info.value)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(tmp_path)
+    assert "it is a directory" in str(info.value)
+    big = tmp_path / "big.toml"
+    big.write_bytes(BASE.encode() + b"#" * cfg.MAX_CONFIG_BYTES)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(big)
+    assert str(info.value) == f"{big}: cannot read config file: larger than 4MiB (is this the right file?)"
+    exact = tmp_path / "exact.toml"
+    exact.write_bytes(BASE.encode() + b"#" * (cfg.MAX_CONFIG_BYTES - len(BASE)))
+    assert cfg.load(exact).ringd.workers == 2
