@@ -969,6 +969,7 @@ class _Checker:
         self.take(table, path, "respawn_delay_max", _duration(allow_zero=True), found)
         workers, auto = found.pop("workers", None) or (_cpu_count(), True)
         settings = RingdSettings(workers=workers, workers_auto=auto, **found)
+        self.distinct_files(path, table, settings, ("pidfile", "control_socket", "log_file"))
         if settings.respawn_delay_max < settings.respawn_delay:
             key = "respawn_delay_max" if "respawn_delay_max" in table else "respawn_delay"
             self.error(
@@ -977,6 +978,26 @@ class _Checker:
                 f"smaller than respawn_delay ({_fmt_seconds(settings.respawn_delay)})",
             )
         return settings
+
+    def distinct_files(self, path: Path, table: dict[str, Any], settings: Any,
+                       keys: tuple[str, ...]) -> None:
+        """Keys naming files ringd creates must name different files: a pidfile
+        on the control socket's path passes every other check, then start fails."""
+        seen: dict[str, str] = {}
+        for key in keys:
+            value = getattr(settings, key)
+            if value is None:
+                continue
+            where = os.path.normpath(os.path.abspath(value))
+            other = seen.setdefault(where, key)
+            if other == key:
+                continue
+            # report at the key written last, naming the other one and its line
+            first, second = sorted((other, key), key=lambda k: self.scanner.find(path + (k,)) or 0)
+            line = self.scanner.find(path + (first,))
+            at = f"line {line}" if line and first in table else "its default"
+            self.error(path + (second,),
+                       f"{_quote(value)} is also ringd.{first} ({at}); they must be different files")
 
     def ring(self, raw: Any) -> RingSettings:
         path: Path = ("ring",)

@@ -42,6 +42,8 @@ BROKEN = [
     (lambda t: t.replace('servers = ["127.0.0.1:9"]',
                          'servers = [{ address = "127.0.0.1:9", weight = 0 }]'),
      "upstream.app.servers[0].weight"),
+    (lambda t: t.replace('ringd-cli-test.sock', 'ringd-cli-test.pid'),
+     'ringd.control_socket: "/tmp/ringd-cli-test.pid" is also ringd.pidfile (line 3)'),
 ]
 
 

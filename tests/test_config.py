@@ -710,3 +710,20 @@ def test_load_refuses_devices_pipes_and_huge_files(tmp_path):
     exact = tmp_path / "exact.toml"
     exact.write_bytes(BASE.encode() + b"#" * (cfg.MAX_CONFIG_BYTES - len(BASE)))
     assert cfg.load(exact).ringd.workers == 2
+
+
+def test_pidfile_control_socket_and_log_file_must_differ():
+    text = edit("workers = 2\n", 'workers = 2\npidfile = "/run/x/ringd"\ncontrol_socket = "/run/x/ringd"\n')
+    issue = one_issue(text)
+    assert str(issue) == ('t.toml:4: ringd.control_socket: "/run/x/ringd" is also ringd.pidfile '
+                          '(line 3); they must be different files')
+    # written the other way round, and through a relative path that names the same file
+    cwd = os.getcwd()
+    text = edit("workers = 2\n", f'workers = 2\ncontrol_socket = "{cwd}/r.sock"\n'
+                                 'log_file = "./r.sock"\n')
+    assert str(one_issue(text)) == ('t.toml:4: ringd.log_file: "./r.sock" is also '
+                                    'ringd.control_socket (line 3); they must be different files')
+    # against a default
+    text = edit("workers = 2\n", 'workers = 2\npidfile = "/run/ringd/ringd.sock"\n')
+    assert str(one_issue(text)) == ('t.toml:3: ringd.pidfile: "/run/ringd/ringd.sock" is also '
+                                    'ringd.control_socket (its default); they must be different files')
