@@ -28,7 +28,8 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -211,6 +212,9 @@ class Config:
     admin: AdminSettings
     listeners: tuple[Listener, ...]
     upstreams: tuple[Upstream, ...]
+    # key path -> line, from the loader's scanner: for errors found after
+    # loading (a port that cannot be bound) to name the line too
+    lines: Any = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if there is none."""
@@ -218,6 +222,14 @@ class Config:
             if upstream.name == name:
                 return upstream
         raise KeyError(name)
+
+    def where(self, *path: str | int) -> str:
+        """'file:line: key.path' for a key of this config, as load errors
+        begin (the line of the nearest enclosing table if the key itself was
+        not written)."""
+        line = _find_line(self.lines, path)
+        at = self.file if line is None else f"{self.file}:{line}"
+        return f"{at}: {_format_path(path)}"
 
 
 # --------------------------------------------------------------------------- schema
@@ -593,6 +605,15 @@ class _ScanStop(Exception):
     pass
 
 
+def _find_line(lines: Any, path: Path) -> int | None:
+    """The line of ``path``, or of its nearest prefix that has one."""
+    for n in range(len(path), 0, -1):
+        line = lines.get(path[:n])
+        if line is not None:
+            return line
+    return None
+
+
 class _LineScanner:
     """Map key paths to the 1-based line where each key, table or element starts.
 
@@ -617,11 +638,7 @@ class _LineScanner:
         return self.lines
 
     def find(self, path: Path) -> int | None:
-        for n in range(len(path), 0, -1):
-            line = self.lines.get(path[:n])
-            if line is not None:
-                return line
-        return None
+        return _find_line(self.lines, path)
 
     # -- low level
 
@@ -947,6 +964,7 @@ class _Checker:
             admin=admin,
             listeners=tuple(listeners),
             upstreams=tuple(u for u in upstreams.values() if u is not None),
+            lines=MappingProxyType(dict(self.scanner.lines)),
         )
 
     def ringd(self, raw: Any) -> RingdSettings:

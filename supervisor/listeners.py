@@ -83,7 +83,8 @@ class ListenerSockets:
                         try:
                             sock = bind_one(lst.listen, lst.backlog)
                         except OSError as e:
-                            raise BindError(_bind_message(li, lst.name, lst.listen, e)) from None
+                            raise BindError(_bind_message(config, li, lst.name, lst.listen,
+                                                          e)) from None
                         self._socks[k] = sock
                         self._backlog[k] = lst.backlog
                         new.append(k)
@@ -142,16 +143,21 @@ def keys_of(config: Config) -> set[SocketKey]:
             for slot in range(config.ringd.workers)}
 
 
-def _bind_message(index: int, name: str, addr: Address, e: OSError) -> str:
-    reason = e.strerror or str(e)
-    hint = ""
+def bind_hint(e: OSError) -> str:
     if e.errno == errno.EADDRINUSE:
-        hint = " (another program is listening there)"
-    elif e.errno == errno.EACCES:
-        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-    elif e.errno == errno.EADDRNOTAVAIL:
-        hint = " (no local interface has this address)"
-    return f"listener[{index}].listen: cannot listen on {addr} (listener \"{name}\"): {reason}{hint}"
+        return " (another program is listening there)"
+    if e.errno == errno.EACCES:
+        return " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return " (no local interface has this address)"
+    return ""
+
+
+def _bind_message(config: Config, index: int, name: str, addr: Address, e: OSError) -> str:
+    """'file:line: listener[i].listen: cannot listen on ...', like a config error."""
+    reason = e.strerror or str(e)
+    return (f"{config.where('listener', index, 'listen')}: cannot listen on {addr} "
+            f"(listener \"{name}\"): {reason}{bind_hint(e)}")
 
 
 def raise_nofile() -> tuple[int, int]:

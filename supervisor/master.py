@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from . import config as config_mod
 from . import log, notify, pidfile
 from .config import Config, ConfigError
-from .listeners import BindError, ListenerSockets, keys_of, raise_nofile
+from .listeners import BindError, ListenerSockets, bind_hint, keys_of, raise_nofile
 from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
                      lib, plan_cpus, server_table, sqpoll_wanted)
 
@@ -157,7 +157,8 @@ class Master:
         try:
             await self.control.start()
         except OSError as e:
-            self.log.error("start_failed", reason=f"ringd.control_socket: cannot listen on "
+            self.log.error("start_failed", reason=f"{self.config.where('ringd', 'control_socket')}: "
+                                                  f"cannot listen on "
                                                   f"{self.config.ringd.control_socket}: {e.strerror}")
             self.sockets.close_all()
             return 1
@@ -169,8 +170,9 @@ class Master:
         try:
             self.admin.bind(self.config.admin.listen)
         except OSError as e:
-            self.log.error("start_failed", reason=f"admin.listen: cannot listen on "
-                                                  f"{self.config.admin.listen}: {e.strerror}")
+            self.log.error("start_failed", reason=f"{self.config.where('admin', 'listen')}: "
+                                                  f"cannot listen on {self.config.admin.listen}: "
+                                                  f"{e.strerror}{bind_hint(e)}")
             await self.control.stop()
             self.sockets.close_all()
             return 1
@@ -641,7 +643,8 @@ class Master:
         try:
             admin_next = self.admin.prebind(new.admin.listen)
         except OSError as e:
-            return False, f"admin.listen: cannot listen on {new.admin.listen}: {e.strerror}"
+            return False, (f"{new.where('admin', 'listen')}: cannot listen on {new.admin.listen}: "
+                           f"{e.strerror}{bind_hint(e)}")
         try:
             _, new_keys = self.sockets.prepare(new)
         except BindError as e:

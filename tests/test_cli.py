@@ -81,7 +81,18 @@ def test_missing_file_and_port_in_use(tmp_path):
         out = res.stdout + res.stderr
         assert res.returncode == 1, out
         assert "listener[0].listen" in out and "Address already in use" in out
+        n = conf.read_text().splitlines().index(f'listen = "127.0.0.1:{busy.getsockname()[1]}"') + 1
+        assert f"{conf}:{n}: listener[0].listen: cannot listen on" in out, out
         assert "Traceback" not in out
+        # the admin endpoint's port too
+        conf.write_text(_good(free_port()).replace("/tmp/ringd-cli-test", str(tmp_path / "r"))
+                        + f'\n[admin]\nlisten = "127.0.0.1:{busy.getsockname()[1]}"\n')
+        res = subprocess.run(RINGD + ["start", "-c", str(conf)], capture_output=True,
+                             text=True, timeout=30)
+        out = res.stdout + res.stderr
+        n = len(conf.read_text().splitlines())
+        assert res.returncode == 1, out
+        assert f"{conf}:{n}: admin.listen: cannot listen on" in out, out
     finally:
         busy.close()
 

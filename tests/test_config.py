@@ -727,3 +727,12 @@ def test_pidfile_control_socket_and_log_file_must_differ():
     text = edit("workers = 2\n", 'workers = 2\npidfile = "/run/ringd/ringd.sock"\n')
     assert str(one_issue(text)) == ('t.toml:3: ringd.pidfile: "/run/ringd/ringd.sock" is also '
                                     'ringd.control_socket (its default); they must be different files')
+
+
+def test_where_names_file_line_and_key_for_later_errors():
+    config = cfg.loads(BASE + '[[listener]]\nname = "b"\nlisten = "127.0.0.1:8081"\nupstream = "app"\n',
+                       "t.toml")
+    assert config.where("listener", 0, "listen") == "t.toml:7: listener[0].listen"
+    assert config.where("listener", 1, "listen") == "t.toml:13: listener[1].listen"
+    assert config.where("listener", 1, "backlog") == "t.toml:11: listener[1].backlog"   # its table
+    assert config.where("admin", "listen") == "t.toml: admin.listen"                   # not written

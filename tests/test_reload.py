@@ -161,7 +161,11 @@ def test_broken_reload_is_rejected_and_old_workers_keep_serving(tmp_path, breaka
                     want = ["listener[1].upstream"]
                 else:
                     r.write_config(good + listener("x", busy_port, "app"))
-                    want = ["listener[1].listen", "Address already in use"]
+                    n = r.conf.read_text().splitlines().index(
+                        f'listen = "127.0.0.1:{busy_port}"') + 1
+                    # file:line like every config error
+                    want = [f"{r.conf}:{n}: listener[1].listen: cannot listen on "
+                            f"127.0.0.1:{busy_port}", "Address already in use"]
                 res = r.cli("reload", "-c", str(r.conf))
                 assert res.returncode == 1
                 assert "reload rejected" in res.stderr
