@@ -71,6 +71,7 @@ class ControlServer:
                 if not isinstance(req, dict):
                     raise ValueError("request must be a JSON object")
                 handler = self.handlers.get(req.get("cmd"))
+                self.master.log.debug("control_request", cmd=str(req.get("cmd"))[:64])
                 if handler is None:
                     reply = {"ok": False, "error": f"unknown command {req.get('cmd')!r}"}
                 else:

@@ -82,8 +82,13 @@ class _Logger:
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
+SETTINGS: tuple = ()    # (format, level, file) of the last configure()
+
+
 def configure(fmt: str = "auto", level: str = "info", log_file: str | None = None) -> None:
+    global SETTINGS
     STREAM.open(log_file)
+    SETTINGS = (fmt, level, log_file)
     if fmt == "auto":
         fmt = "console" if STREAM.isatty() else "json"
     processors = [
@@ -105,7 +110,9 @@ def configure(fmt: str = "auto", level: str = "info", log_file: str | None = Non
 
 
 def get(**context):
-    return structlog.get_logger().bind(**context)
+    """A logger that follows configure(): a reload may change the level and
+    the format of every component's logger, not only of new ones."""
+    return structlog.get_logger(**context)
 
 
 def reopen() -> None:

@@ -640,15 +640,27 @@ class Master:
             if getattr(new.ringd, key) != getattr(old_r, key):
                 self.log.warning("reload_ignored_key", key=f"ringd.{key}",
                                  hint="takes effect after a restart")
+        # the log first, so that the new workers inherit the new log file; put
+        # back if the reload fails further on
+        log_before, log_after = log.SETTINGS, _log_settings(new)
+        if log_after != log_before:
+            try:
+                log.configure(*log_after)
+            except OSError as e:
+                self._restore_log(log_before)
+                return False, (f"{new.where('ringd', 'log_file')}: cannot open "
+                               f"{new.ringd.log_file}: {e.strerror}")
         try:
             admin_next = self.admin.prebind(new.admin.listen)
         except OSError as e:
+            self._restore_log(log_before)
             return False, (f"{new.where('admin', 'listen')}: cannot listen on {new.admin.listen}: "
                            f"{e.strerror}{bind_hint(e)}")
         try:
             _, new_keys = self.sockets.prepare(new)
         except BindError as e:
             self.admin.discard(admin_next)
+            self._restore_log(log_before)
             return False, str(e)
 
         gen = self._new_generation(new)
@@ -659,6 +671,7 @@ class Master:
             self._drain_generation(gen, "reload failed")
             self._retire_sockets()
             self.admin.discard(admin_next)
+            self._restore_log(log_before)
             return False, f"new workers failed: {reason}"
         old = self.active
         self._activate(gen)
@@ -670,11 +683,22 @@ class Master:
         if old is not None:
             self._drain_generation(old, "reload")
         self._enforce_drain_bound()
-        if log.STREAM.path != new.ringd.log_file:
-            log.configure(new.ringd.log_format, new.ringd.log_level, new.ringd.log_file)
+        if log_after != log_before:
+            self.log.info("log_reconfigured", format=new.ringd.log_format,
+                          level=new.ringd.log_level, file=new.ringd.log_file)
         self.log.info("reload_ok", generation=gen.number, workers=len(gen.workers),
                       draining=[g.number for g in self.generations if g.state == "draining"])
         return True, f"generation {gen.number} running"
+
+    def _restore_log(self, settings: tuple) -> None:
+        """A reload that switched the log failed later on: switch back."""
+        if log.SETTINGS == settings:
+            return
+        try:
+            log.configure(*settings)
+        except OSError as e:      # it was open a moment ago; stderr is the fallback
+            log.configure(settings[0], settings[1], None)
+            self.log.error("log_file_lost", file=settings[2], error=e.strerror)
 
     # ------------------------------------------------------------ stop
 
@@ -727,6 +751,11 @@ class Master:
     def status(self) -> dict:
         from .status import collect
         return collect(self)
+
+
+def _log_settings(cfg: Config) -> tuple:
+    """What log.configure takes, from a config."""
+    return (cfg.ringd.log_format, cfg.ringd.log_level, cfg.ringd.log_file)
 
 
 def _sysctl(name: str) -> str | None:

@@ -540,3 +540,62 @@ def test_reloads_changing_worker_count_drop_nothing(tmp_path, migrate):
     assert out["listeners_closed"] == 0        # slot 1's socket is adopted, never closed
     assert out["ok"] > 100
     assert out["nfailures"] == 0, out
+
+
+def test_reload_applies_log_level_and_format(tmp_path):
+    """log_level and log_format reload on their own, not only with log_file."""
+    import json
+    import textwrap
+    bport, port = free_ports(2)
+    conf = _conf(port, [f"127.0.0.1:{bport}"])
+    with Backend("echo", [bport]):
+        r = Ringd(tmp_path, conf, workers=1)
+
+        def write(level: str, fmt: str, extra: str = "") -> None:
+            text = (r.header() + extra + textwrap.dedent(conf)).replace(
+                'log_level = "debug"', f'log_level = "{level}"').replace(
+                'log_format = "json"', f'log_format = "{fmt}"')
+            r.write_config(text, raw=True)
+
+        def reload_ok() -> None:
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 0, res.stderr
+
+        def lines_since(mark: int) -> list[str]:
+            return [ln for ln in r.log_text()[mark:].splitlines() if ln.strip()]
+
+        write("info", "json")
+        with r:
+            r.status()
+            assert r.events("control_request") == []          # debug: not logged at info
+            write("debug", "json")
+            reload_ok()
+            r.status()
+            r.wait_event("control_request", cmd="status")
+            # json -> console: the lines after the switch are not JSON
+            write("debug", "console")
+            mark = len(r.log_text())
+            reload_ok()
+            r.status()
+            wait_for(lambda: any("control_request" in ln and not ln.startswith("{")
+                                 for ln in lines_since(mark)), 10, what="console lines")
+            assert any("reload_ok" in ln and not ln.startswith("{") for ln in lines_since(mark))
+            # console -> json at level warning: info and debug events stop
+            write("warning", "json")
+            reload_ok()
+            mark = len(r.log_text())
+            r.status()
+            r.signal(signal.SIGHUP)
+            time.sleep(1.0)
+            for ln in lines_since(mark):
+                ev = json.loads(ln)
+                assert ev["level"] in ("warning", "error"), ev
+            # a log_file that cannot be opened rejects the reload; logging goes on as before
+            write("info", "json", extra=f'log_file = "{tmp_path}/ringd.toml/x.log"\n')
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 1
+            n = r.conf.read_text().splitlines().index(f'log_file = "{tmp_path}/ringd.toml/x.log"') + 1
+            assert f"{r.conf}:{n}: ringd.log_file: cannot open" in res.stderr, res.stderr
+            ev = r.wait_event("reload_rejected")[0]
+            assert "ringd.log_file" in ev["reason"]
+            r.assert_no_traceback()
