@@ -30,6 +30,8 @@ from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event
 READY_TIMEOUT = 15.0        # a new generation must accept within this
 STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
 KILL_AFTER_DRAIN = 5.0      # drain: SIGKILL this long past the deadline
+ABORT_GRACE = 5.0           # watchdog: SIGKILL this long after a SIGABRT that did not end it
+ABORT_GRACE_DUMPING = 60.0  # ... unless it is still writing its core dump
 WATCHDOG_PERIOD = 0.5
 STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
 HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
@@ -338,15 +340,36 @@ class Master:
                                  "drain deadline passed")
         self._check_generation_done(gen)
 
-    def _kill_if_alive(self, w: WorkerProc, why: str) -> None:
+    def _kill_if_alive(self, w: WorkerProc, why: str, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL: for workers whose loop still runs (their heartbeat moves,
+        else the watchdog would have aborted them) but did not finish in
+        time; a core dump of those would show nothing wrong."""
         if w.state == "exited":
             return
         w.killed = why
-        self.log.warning("worker_kill", worker=w.slot, gen=w.gen.number, pid=w.pid, reason=why)
+        self.log.warning("worker_kill", worker=w.slot, gen=w.gen.number, pid=w.pid, reason=why,
+                         signal=signal.Signals(sig).name)
         try:
-            os.kill(w.pid, signal.SIGKILL)
+            os.kill(w.pid, sig)
         except ProcessLookupError:
             pass
+
+    def _abort_if_alive(self, w: WorkerProc, why: str) -> None:
+        """A wedged worker gets SIGABRT first: the core dump of its C loop is
+        the only evidence of where it hung. SIGKILL follows after ABORT_GRACE
+        if SIGABRT did not end it (a stopped process keeps SIGABRT pending)."""
+        self._kill_if_alive(w, why, signal.SIGABRT)
+        started = time.monotonic()
+
+        def escalate() -> None:
+            if w.state == "exited":
+                return
+            if _dumping_core(w.pid) and time.monotonic() - started < ABORT_GRACE_DUMPING:
+                self.loop.call_later(ABORT_GRACE, escalate)     # let the core be written
+                return
+            self._kill_if_alive(w, f"{why}; still running {time.monotonic() - started:.0f}s "
+                                   "after SIGABRT", signal.SIGKILL)
+        self.loop.call_later(ABORT_GRACE, escalate)
 
     def _enforce_drain_bound(self) -> None:
         draining = [g for g in self.generations if g.state == "draining"]
@@ -489,9 +512,11 @@ class Master:
 
     def _on_worker_exit(self, w: WorkerProc) -> None:
         self.loop.remove_reader(w.pidfd)
+        core = False
         try:
-            _, status = os.waitpid(w.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
+            _, wstatus = os.waitpid(w.pid, 0)
+            code = os.waitstatus_to_exitcode(wstatus)
+            core = os.WIFSIGNALED(wstatus) and os.WCOREDUMP(wstatus)
         except ChildProcessError:
             code = None
         os.close(w.pidfd)
@@ -513,7 +538,7 @@ class Master:
             gen.fail_reasons.append(w.fail_reason)
             w.ready.set_result(False)
 
-        status = _describe_exit(code)
+        status = _describe_exit(code) + (" (core dumped)" if core else "")
         ctx = {"worker": w.slot, "gen": gen.number, "pid": w.pid, "cpu": w.cpu}
         expected = self.stopping or gen.state in ("draining", "done") or prev_state == "draining"
         if expected and not w.killed:
@@ -590,7 +615,7 @@ class Master:
                     elif timeout > 0 and now - w.hb_changed > timeout:
                         self.log.error("worker_stalled", worker=w.slot, gen=gen.number,
                                        pid=w.pid, silent_for=round(now - w.hb_changed, 2))
-                        self._kill_if_alive(w, "watchdog: heartbeat stalled")
+                        self._abort_if_alive(w, "watchdog: heartbeat stalled")
             line = self._status_line()
             if line != last_status:         # systemd needs no repeats
                 notify.status(line)
@@ -764,6 +789,14 @@ def _sysctl(name: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def _dumping_core(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            return any(line.split() == ["CoreDumping:", "1"] for line in f)
+    except OSError:
+        return False
 
 
 def _describe_exit(code: int | None) -> str:

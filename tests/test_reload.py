@@ -306,21 +306,46 @@ def test_term_exits_fast_even_with_open_connections(tmp_path):
 
 
 def test_watchdog_replaces_a_stalled_worker(tmp_path):
+    """A wedged worker gets SIGABRT (its core dump is the evidence), then
+    SIGKILL if that did not end it; the events say which signal did."""
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
+        # no core files from this test, whatever the host's limit
         r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2,
-                  extra_ringd='watchdog_timeout = "1s"\n', test_hooks=True)
+                  extra_ringd='watchdog_timeout = "1s"\n', test_hooks=True,
+                  wrap=["prlimit", "--core=0", "--"])
         with r:
             victim = r.status()["workers"][1]
             os.kill(victim["pid"], signal.SIGUSR2)     # test hook: the C loop wedges
             ev = r.wait_event("worker_stalled", timeout=10)[0]
             assert ev["pid"] == victim["pid"]
+            kill = r.wait_event("worker_kill", pid=victim["pid"])[0]
+            assert kill["signal"] == "SIGABRT" and "watchdog" in kill["reason"]
+            ex = r.wait_event("worker_exit", pid=victim["pid"])[0]
+            assert ex["status"].startswith("killed by SIGABRT"), ex
 
-            def replaced():
-                w = r.status()["workers"][1]
-                return w["pid"] not in (None, victim["pid"]) and w["state"] == "ready"
-            wait_for(replaced, 5, what="stalled worker replaced")
+            def replaced(slot, pid):
+                w = r.status()["workers"][slot]
+                return w["pid"] not in (None, pid) and w["state"] == "ready"
+            wait_for(lambda: replaced(1, victim["pid"]), 5, what="stalled worker replaced")
             assert echo_roundtrip(port, b"ok") == b"ok"
+
+            # a stopped worker keeps SIGABRT pending: SIGKILL after the grace ends it
+            victim = r.status()["workers"][0]
+            os.kill(victim["pid"], signal.SIGSTOP)
+            try:
+                kills = r.wait_event("worker_kill", count=2, timeout=20, pid=victim["pid"])
+            except AssertionError:
+                os.kill(victim["pid"], signal.SIGKILL)       # never leave it stopped
+                raise
+            assert [k["signal"] for k in kills] == ["SIGABRT", "SIGKILL"]
+            assert "after SIGABRT" in kills[1]["reason"]
+            ex = r.wait_event("worker_exit", pid=victim["pid"])[0]
+            assert ex["status"] == "killed by SIGKILL", ex
+            wait_for(lambda: replaced(0, victim["pid"]), 5, what="stopped worker replaced")
+            assert echo_roundtrip(port, b"ok") == b"ok"
+            # the SIGABRT'd worker was never also sent SIGKILL
+            assert len(r.events("worker_kill")) == 3
 
 
 def test_reload_changes_worker_count_and_listeners(tmp_path):
