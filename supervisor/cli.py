@@ -135,7 +135,11 @@ def cmd_reload(args) -> int:
     except ControlClientError as e:
         # no control socket: fall back to the signal, outcome unknown
         from . import pidfile
-        pid = pidfile.running(pidpath)
+        try:
+            pid = pidfile.running(pidpath)
+        except pidfile.PidfileError as pe:
+            _err(f"{e}; and {pe}")
+            return 1
         if pid is None:
             _err(f"{e}; and no running master in pidfile {pidpath}")
             return 1
@@ -158,7 +162,7 @@ def cmd_stop(args) -> int:
         _err(str(e))
         return 1
     if pid is None:
-        _err(f"ringd is not running (no live master in {pidpath})")
+        _err(f"ringd is not running (no master holds pidfile {pidpath})")
         return 1
     os.kill(pid, signal.SIGTERM if args.now else signal.SIGQUIT)
     if args.no_wait:

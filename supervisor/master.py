@@ -112,6 +112,7 @@ class Master:
         self.worker_restarts = 0
         self.started_at = time.time()
         self.pidfile_path = cfg.ringd.pidfile
+        self.pidfile: pidfile.Pidfile | None = None
         self.control = None       # ringd.control.ControlServer
         self.admin = None         # ringd.admin.Admin
         self.health = None        # ringd.health.HealthChecker (server states)
@@ -134,14 +135,15 @@ class Master:
                                "remaining sockets instead of being reset")
         self._check_buffer_caps(self.config)
         try:
-            pidfile.write(self.pidfile_path)
+            # held (locked) until the master exits: see pidfile.py
+            self.pidfile = pidfile.Pidfile.acquire(self.pidfile_path)
         except pidfile.PidfileError as e:
             self.log.error("start_failed", reason=str(e))
             return 1
         try:
             return await self._run()
         finally:
-            pidfile.remove(self.pidfile_path)
+            self.pidfile.release()
 
     async def _run(self) -> int:
         try:

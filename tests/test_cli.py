@@ -2,6 +2,7 @@
 naming the key (and the line), a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -114,3 +115,33 @@ def test_config_from_a_device_is_refused_not_read_forever(tmp_path, verb):
     if verb in ("check", "start"):
         assert res.stderr.strip() == ("/dev/zero: cannot read config file: it is a character "
                                       "device, not a regular file")
+
+
+def test_pidfile_lock_survives_exec_through_adopt(tmp_path):
+    """The lock fd can be passed across an exec (a master re-executing itself)
+    and adopted there; a second acquire is refused while it is held."""
+    from ringd import pidfile
+    path = str(tmp_path / "run" / "ringd.pid")
+    held = pidfile.Pidfile.acquire(path)
+    assert pidfile.running(path) == os.getpid()
+    with pytest.raises(pidfile.PidfileError, match="already running"):
+        pidfile.Pidfile.acquire(path)
+    fd = held.keep_across_exec()
+    code = ("import sys, time; from ringd import pidfile; "
+            "p = pidfile.Pidfile.adopt(sys.argv[1], int(sys.argv[2])); "
+            "print('adopted', flush=True); sys.stdin.read(); p.release()")
+    child = subprocess.Popen([sys.executable, "-c", code, path, str(fd)], pass_fds=[fd],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "adopted"
+        os.close(fd)                   # only the exec'd image holds it now
+        assert pidfile.running(path) == child.pid
+        child.stdin.close()
+        child.wait(10)
+        assert pidfile.running(path) is None and not os.path.exists(path)
+    finally:
+        child.kill()
+    # symlinks are refused (a root master must not truncate what one points at)
+    os.symlink(tmp_path / "elsewhere", path)
+    with pytest.raises(pidfile.PidfileError, match="symbolic link"):
+        pidfile.Pidfile.acquire(path)

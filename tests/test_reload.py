@@ -624,3 +624,47 @@ def test_reload_applies_log_level_and_format(tmp_path):
             ev = r.wait_event("reload_rejected")[0]
             assert "ringd.log_file" in ev["reason"]
             r.assert_no_traceback()
+
+
+def test_pidfile_lock_decides_not_the_pid_in_it(tmp_path):
+    """A master holds a lock on its pidfile; a live process that merely has the
+    recorded pid (and even "ringd" in its command line) is not a master."""
+    import subprocess
+    import sys
+    bport, port = free_ports(2)
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "ringd",
+                              "master"])
+    try:
+        with Backend("echo", [bport]):
+            r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=2)
+            r.pidfile.write_text(f"{decoy.pid}\n")
+            assert "ringd" in cmdline(decoy.pid)
+            # stop and reload (no control socket) must not signal the decoy
+            res = r.cli("stop", "-c", str(r.conf))
+            assert res.returncode == 1 and "not running" in res.stderr, res.stderr
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 1 and "no running master" in res.stderr, res.stderr
+            assert decoy.poll() is None
+            # start takes the unlocked (stale) file over
+            with r:
+                assert int(r.pidfile.read_text()) == r.pid
+                res = r.cli("start", "-c", str(r.conf), timeout=20)
+                assert res.returncode == 1
+                assert "already running" in res.stdout + res.stderr
+                assert int(r.pidfile.read_text()) == r.pid
+                # no worker holds the pidfile (and with it the lock)
+                for wpid in r.worker_pids():
+                    fds = Path(f"/proc/{wpid}/fd")
+                    held = [os.readlink(fds / fd) for fd in os.listdir(fds)]
+                    assert str(r.pidfile) not in held, held
+                # a master killed with -9 leaves a file nobody holds: not running,
+                # even while its workers are still draining
+                os.kill(r.pid, signal.SIGKILL)
+                r.proc.wait(5)
+                assert r.pidfile.exists()
+                res = r.cli("stop", "-c", str(r.conf))
+                assert res.returncode == 1 and "not running" in res.stderr, res.stderr
+            assert decoy.poll() is None
+    finally:
+        decoy.kill()
+        decoy.wait(5)
