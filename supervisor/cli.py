@@ -53,20 +53,27 @@ def _err(msg: str) -> None:
     print(f"ringd: {msg}", file=sys.stderr)
 
 
+class CliError(Exception):
+    """One line for the user, exit status 1."""
+
+
 def _peek(path: str | None) -> dict:
     """[ringd] of a config file without validating it: the CLI only needs to
     know where the running master is, even if the file is now broken."""
+    return _peek_file(path or DEFAULT_CONFIG)[0]
+
+
+def _peek_file(path: str) -> tuple[dict, str | None]:
+    """([ringd] keys, None), or ({}, why the file cannot be read)."""
     from .config import ConfigError, read_file
-    if not path:
-        path = DEFAULT_CONFIG
     try:
         raw = read_file(path)
-    except ConfigError:
-        return {}
+    except ConfigError as e:
+        return {}, str(e)
     try:
         import tomllib
         section = tomllib.loads(raw.decode("utf-8", "replace")).get("ringd", {})
-        return section if isinstance(section, dict) else {}
+        return (section if isinstance(section, dict) else {}), None
     except Exception:
         pass
     # unparsable now (that may be why we are reloading): pick the two keys
@@ -77,14 +84,44 @@ def _peek(path: str | None) -> dict:
         m = re.match(r'\s*(pidfile|control_socket|drain_timeout)\s*=\s*"([^"]*)"', line)
         if m and m.group(1) not in found:
             found[m.group(1)] = m.group(2)
-    return found
+    return found, None
 
 
-def _locate(args) -> tuple[str, str]:
-    peek = _peek(args.config)
-    sock = args.socket or peek.get("control_socket") or DEFAULT_SOCKET
-    pid = args.pidfile or peek.get("pidfile") or DEFAULT_PIDFILE
-    return str(sock), str(pid)
+def _locate(args) -> tuple[str, str, dict]:
+    """(control socket, pidfile, origin) of the running master: -s/-p, else
+    ringd.control_socket/ringd.pidfile of the -c file, else the defaults.
+    `origin` holds what _origin() needs to say which defaults were used and
+    why, so that nobody is told "ringd is not running" about a path they
+    never chose."""
+    path = args.config or DEFAULT_CONFIG
+    peek, problem = _peek_file(path)
+    if problem and args.config and not (args.socket or args.pidfile):
+        # an explicit file we cannot read says nothing about where its master
+        # is; guessing the default master could act on another ringd
+        raise CliError(f"{problem} (it tells where the running master is; "
+                       "or give -s SOCKET / -p PIDFILE)")
+    sock = args.socket or peek.get("control_socket")
+    pid = args.pidfile or peek.get("pidfile")
+    origin = {"path": path, "problem": problem, "given": bool(args.config),
+              "defaults": [k for k, v in (("control_socket", sock), ("pidfile", pid)) if not v]}
+    return str(sock or DEFAULT_SOCKET), str(pid or DEFAULT_PIDFILE), origin
+
+
+def _origin(origin: dict, *keys: str) -> str:
+    """' (the default: FILE sets no ringd.KEY)' for the `keys` that were defaults."""
+    keys = tuple(k for k in keys if k in origin["defaults"])
+    if not keys:
+        return ""
+    path, problem = origin["path"], origin["problem"]
+    if problem:
+        why = f"{path} cannot be read: {problem.rsplit(': ', 1)[-1]}"
+    elif len(keys) == 1:
+        why = f"{path} sets no ringd.{keys[0]}"
+    else:
+        why = f"{path} sets neither ringd.{keys[0]} nor ringd.{keys[1]}"
+    if not origin["given"]:
+        why = f"no -c given, and {why}"
+    return f" (the default{'s' if len(keys) > 1 else ''}: {why})"
 
 
 def _load(path: str):
@@ -128,23 +165,34 @@ def cmd_start(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    from .control import ControlClientError, request
-    sock, pidpath = _locate(args)
+    """The running master re-reads the file it was started with, as nginx -s
+    reload and HAProxy's master do. A -c naming another file is refused (by
+    the master, which knows its file): 'reload ok' always means that file
+    was loaded."""
+    from .control import ControlClientError, request, same_file
+    sock, pidpath, origin = _locate(args)
+    note = _origin(origin, "control_socket", "pidfile")
+    req = {"cmd": "reload"}
+    if args.config:
+        req["config"] = os.path.abspath(args.config)
     try:
-        reply = request(sock, {"cmd": "reload"}, timeout=120)
+        reply = request(sock, req, timeout=120)
     except ControlClientError as e:
         # no control socket: fall back to the signal, outcome unknown
         from . import pidfile
         try:
             pid = pidfile.running(pidpath)
         except pidfile.PidfileError as pe:
-            _err(f"{e}; and {pe}")
-            return 1
+            raise CliError(f"{e}; and {pe}{note}") from None
         if pid is None:
-            _err(f"{e}; and no running master in pidfile {pidpath}")
-            return 1
+            raise CliError(f"{e}; and no running master holds pidfile {pidpath}{note}")
+        running_file = _master_config(pid)
+        if args.config and running_file and not same_file(args.config, running_file):
+            raise CliError(f"reload rejected: the master (pid {pid}) runs {running_file}, not "
+                           f"{args.config}; a reload re-reads {running_file}")
         os.kill(pid, signal.SIGHUP)
-        print(f"sent SIGHUP to {pid}; outcome unknown ({e}); see the log")
+        print(f"sent SIGHUP to {pid}, which re-reads {running_file or 'its own file'}; "
+              f"outcome unknown ({e}); see the log")
         return 0
     if reply.get("ok"):
         print(f"reload ok: {reply.get('message', '')}")
@@ -153,16 +201,30 @@ def cmd_reload(args) -> int:
     return 1
 
 
+def _master_config(pid: int) -> str | None:
+    """The file a master runs, from its title "ringd: master -c FILE"."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+    except OSError:
+        return None
+    prefix = "ringd: master -c "
+    if not title.startswith(prefix):
+        return None
+    return title[len(prefix):].strip() or None
+
+
 def cmd_stop(args) -> int:
     from . import pidfile
-    sock, pidpath = _locate(args)
+    sock, pidpath, origin = _locate(args)
+    note = _origin(origin, "pidfile")
     try:
         pid = pidfile.running(pidpath)
     except pidfile.PidfileError as e:
-        _err(str(e))
+        _err(f"{e}{note}")
         return 1
     if pid is None:
-        _err(f"ringd is not running (no master holds pidfile {pidpath})")
+        _err(f"ringd is not running (no master holds pidfile {pidpath}){note}")
         return 1
     os.kill(pid, signal.SIGTERM if args.now else signal.SIGQUIT)
     if args.no_wait:
@@ -202,11 +264,11 @@ def _bytes(n: int) -> str:
 def _ask(args, payload: dict, timeout: float = 10) -> dict | None:
     """One request to the running master; None after printing why it failed."""
     from .control import ControlClientError, request
-    sock, _ = _locate(args)
+    sock, _, origin = _locate(args)
     try:
         reply = request(sock, payload, timeout=timeout)
     except ControlClientError as e:
-        _err(str(e))
+        _err(f"{e}{_origin(origin, 'control_socket')}")
         return None
     if not reply.get("ok"):
         _err(reply.get("error", f"{payload.get('cmd')} failed"))
@@ -261,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
              "status": cmd_status, "server": cmd_server}
     try:
         return verbs[args.verb](args)
+    except CliError as e:
+        _err(str(e))
+        return 1
     except KeyboardInterrupt:
         return 130
 

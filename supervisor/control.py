@@ -87,6 +87,16 @@ class ControlServer:
             writer.close()
 
     async def _reload(self, req) -> dict:
+        """{"cmd": "reload"[, "config": FILE]}: the master re-reads its own
+        file (nginx -s reload and HAProxy's master do the same); a FILE that
+        is not that file is refused, never reported as reloaded."""
+        given = req.get("config")
+        mine = self.master.config_path
+        if given is not None and (not isinstance(given, str) or not same_file(given, mine)):
+            msg = (f"{given} is not the file this master runs ({mine}); a reload re-reads "
+                   f"{mine}: edit that file, or restart ringd with -c {given}")
+            self.master.refuse_reload(msg)
+            return {"ok": False, "error": msg}
         ok, msg = await self.master.submit("reload")
         return {"ok": ok, "message" if ok else "error": msg}
 
@@ -133,6 +143,14 @@ async def close_server(server: asyncio.AbstractServer, timeout: float = 1.0) -> 
 
 class ControlClientError(Exception):
     pass
+
+
+def same_file(a: str, b: str) -> bool:
+    """Do the paths name one file (symlinks and ./ resolved)?"""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def request(path: str, payload: dict, timeout: float = 60.0) -> dict:

@@ -640,6 +640,13 @@ class Master:
                                          hint=f"the kernel caps it at {sysctl}; raise that "
                                               "sysctl to get the configured size")
 
+    def refuse_reload(self, reason: str) -> None:
+        """A reload request refused before it started (ringd reload -c with
+        another file): counted and logged like any rejected reload."""
+        self.reloads_rejected += 1
+        self.log.error("reload_rejected", reason=reason,
+                       generation=self.active.number if self.active else None)
+
     async def reload(self) -> tuple[bool, str]:
         notify.reloading()
         self.log.info("reload_start", config=self.config_path)
@@ -715,7 +722,7 @@ class Master:
                           level=new.ringd.log_level, file=new.ringd.log_file)
         self.log.info("reload_ok", generation=gen.number, workers=len(gen.workers),
                       draining=[g.number for g in self.generations if g.state == "draining"])
-        return True, f"generation {gen.number} running"
+        return True, f"generation {gen.number} running {self.config_path}"
 
     def _restore_log(self, settings: tuple) -> None:
         """A reload that switched the log failed later on: switch back."""

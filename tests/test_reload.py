@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from harness import (Backend, Ringd, children_of_any, cmdline, connect, duplex, echo_roundtrip,
-                     free_port, free_ports, listener, upstream, wait_for)
+from harness import (RINGD as RINGD_CLI, Backend, Ringd, children_of_any, cmdline, connect,
+                     duplex, echo_roundtrip, free_port, free_ports, listener, upstream, wait_for)
 
 
 def _conf(port, servers, lopts=None):
@@ -668,3 +668,65 @@ def test_pidfile_lock_decides_not_the_pid_in_it(tmp_path):
     finally:
         decoy.kill()
         decoy.wait(5)
+
+
+def test_reload_with_another_file_is_refused_never_ok(tmp_path):
+    """`ringd reload -c FILE` once printed "reload ok" for any FILE that named
+    the master's socket, while the master re-read its own file. The master
+    re-reads its own file (as nginx -s reload does) and refuses another one."""
+    import subprocess
+    import sys
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path / "a", _conf(port, [f"127.0.0.1:{bport}"]), workers=1) as r:
+            header = r.header()
+            broken = tmp_path / "broken.toml"
+            broken.write_text(header + "[[listener]\n")
+            valid = tmp_path / "valid.toml"
+            valid.write_text(header + _conf(free_port(), [f"127.0.0.1:{bport}"]))
+            for other in (broken, valid):
+                res = r.cli("reload", "-c", str(other))
+                assert res.returncode == 1, res.stdout
+                assert "reload ok" not in res.stdout
+                assert (f"reload rejected: {other} is not the file this master runs "
+                        f"({r.conf})") in res.stderr, res.stderr
+            assert r.status()["generation"] == 1
+            assert r.status()["reloads_rejected"] == 2
+            assert len(r.events("reload_rejected")) == 2
+            # the same file under another name is the same file
+            link = tmp_path / "link.toml"
+            link.symlink_to(r.conf)
+            res = r.cli("reload", "-c", str(link))
+            assert res.returncode == 0 and f"generation 2 running {r.conf}" in res.stdout, res
+            res = subprocess.run(RINGD_CLI + ["reload", "-c", "ringd.toml"], cwd=r.tmp,
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            # no -c: the master's own file
+            res = r.cli("reload", "-s", str(r.sock))
+            assert res.returncode == 0 and "generation 4" in res.stdout, res
+            # no control socket: the SIGHUP fallback checks the master's title first
+            os.unlink(r.sock)
+            res = r.cli("reload", "-c", str(valid), "-p", str(r.pidfile))
+            assert res.returncode == 1 and f"runs {r.conf}, not {valid}" in res.stderr, res
+            res = r.cli("reload", "-c", str(r.conf))
+            assert res.returncode == 0 and f"which re-reads {r.conf}" in res.stdout, res
+            r.wait_event("reload_ok", count=4)
+            assert r.proc.poll() is None
+
+
+def test_reload_message_says_which_defaults_it_used(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    import subprocess
+    res = subprocess.run(RINGD_CLI + ["reload", "-c", str(empty)], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 1
+    # (a master that runs at the default socket refuses another file)
+    assert (f"(the defaults: {empty} sets neither ringd.control_socket nor ringd.pidfile)"
+            in res.stderr or "is not the file this master runs" in res.stderr), res.stderr
+    res = subprocess.run(RINGD_CLI + ["reload", "-c", str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"ringd: {tmp_path}/missing.toml: cannot read config file: No "
+                                  "such file or directory (it tells where the running master "
+                                  "is; or give -s SOCKET / -p PIDFILE)")
