@@ -3,22 +3,43 @@
 A deliberately small HTTP/1.1 server on the master's asyncio loop: one request
 per connection, bounded request size, bounded time, bounded number of clients,
 so a slow or hostile scraper can never stall the master.
+
+Fairness: the number of clients is bounded, but a new client is never turned
+away for that. When all places are taken, the client that has waited longest
+without sending a complete request goes (from the address that holds the most
+places first): a local user who opens hundreds of idle connections only
+evicts their own, and a health probe, which sends its request at once, gets
+its answer. A request head must arrive within HEADER_TIMEOUT.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import log
 from .control import close_server
 from .metrics import Totals, make_registry
 
 MAX_HEADER = 8192
-TIMEOUT = 5.0
+HEADER_TIMEOUT = 2.0        # the whole request head, from the connect on
+TIMEOUT = 5.0               # sending the reply
 MAX_CLIENTS = 64
+EVICT_LOG_EVERY = 10.0      # seconds between two admin_clients_evicted events
+
+
+@dataclass(eq=False)
+class _Client:
+    writer: asyncio.StreamWriter
+    address: str
+    since: float
+    replying: bool = False
 
 
 def bind_admin(addr) -> socket.socket:
@@ -26,7 +47,7 @@ def bind_admin(addr) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr.sockaddr)
-        sock.listen(128)
+        sock.listen(1024)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -46,7 +67,11 @@ class Admin:
         self.server: asyncio.AbstractServer | None = None
         self.sock: socket.socket | None = None
         self.addr = None
-        self._clients = 0
+        self._clients: list[_Client] = []        # in arrival order
+        self.evicted = 0
+        self._evicted_unlogged = 0
+        self._evict_logged_at = 0.0
+        self.registry.register(_AdminCollector(self))
 
     # master hooks
     def fold_generation(self, gen) -> None:
@@ -98,19 +123,45 @@ class Admin:
             return False
         return all(w is not None and w.state == "ready" for w in gen.workers)
 
+    def _evict_one(self) -> None:
+        """Make room: the longest-waiting client that has not sent a complete
+        request, from the address holding the most places; only if every
+        place is replying, the oldest of those (a reader too slow to take
+        its reply)."""
+        waiting = [c for c in self._clients if not c.replying] or self._clients
+        per_address = Counter(c.address for c in self._clients)
+        most = max(per_address[c.address] for c in waiting)
+        victim = next(c for c in waiting if per_address[c.address] == most)   # oldest first
+        self._clients.remove(victim)
+        victim.writer.transport.abort()     # its handler sees the reset and ends
+        self.evicted += 1
+        self._evicted_unlogged += 1
+        now = time.monotonic()
+        if now - self._evict_logged_at >= EVICT_LOG_EVERY:
+            self.log.warning("admin_clients_evicted", count=self._evicted_unlogged,
+                             address=victim.address, clients=MAX_CLIENTS,
+                             hint="more admin clients than places: the ones waiting longest "
+                                  "without a request are dropped")
+            self._evict_logged_at = now
+            self._evicted_unlogged = 0
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
-            writer.close()
-            return
-        self._clients += 1
+        peer = writer.get_extra_info("peername")
+        me = _Client(writer, str(peer[0]) if peer else "?", time.monotonic())
+        if len(self._clients) >= MAX_CLIENTS:
+            self._evict_one()
+        self._clients.append(me)
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT)
+            me.replying = True
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 await self._send(writer, 400, b"bad request\n")
                 return
             method, target = parts[0], parts[1].split("?", 1)[0]
+            self.log.debug("admin_request", method=method[:16], path=target[:128],
+                           address=me.address)
             if method not in ("GET", "HEAD"):
                 await self._send(writer, 405, b"method not allowed\n")
                 return
@@ -130,7 +181,8 @@ class Admin:
                 ConnectionError, OSError, UnicodeDecodeError):
             pass
         finally:
-            self._clients -= 1
+            if me in self._clients:
+                self._clients.remove(me)
             writer.close()
 
     async def _send(self, writer, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
@@ -141,3 +193,19 @@ class Admin:
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         writer.write(hdr if head_only else hdr + body)
         await asyncio.wait_for(writer.drain(), TIMEOUT)
+
+
+class _AdminCollector:
+    """The admin endpoint's own counters, next to the master's metrics."""
+
+    def __init__(self, admin: Admin):
+        self.admin = admin
+
+    def collect(self):
+        c = CounterMetricFamily("ringd_admin_clients_evicted",
+                                "Admin clients dropped to make room for a new one")
+        c.add_metric([], self.admin.evicted)
+        yield c
+        g = GaugeMetricFamily("ringd_admin_clients", "Open admin connections")
+        g.add_metric([], len(self.admin._clients))
+        yield g

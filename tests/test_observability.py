@@ -248,3 +248,38 @@ def test_server_drain_ready_and_state_survives_reload(tmp_path):
             assert res.returncode == 0
             st = {s["server"]: s for s in r.status()["servers"]}
             assert st[f"127.0.0.1:{first}"]["weight"] == 3
+
+
+def test_healthz_answers_while_idle_connections_flood_the_admin_port(tmp_path):
+    """Any local user could make /healthz reset at once by holding 64 idle
+    connections to the admin port. Idle ones are evicted, oldest first."""
+    from harness import connect_nowait
+    bport, port, aport = free_ports(3)
+    with Backend("echo", [bport]):
+        conf = listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"]) + _admin(aport)
+        with Ringd(tmp_path, conf, workers=1) as r:
+            idle = [connect_nowait(aport) for _ in range(250)]
+            try:
+                r.wait_event("admin_clients_evicted", timeout=10)
+                for round_ in range(5):
+                    t0 = time.monotonic()
+                    assert http_get(aport, "/healthz") == (200, "ok\n")
+                    took = time.monotonic() - t0
+                    assert took < 3.0, took          # prompt, with room for a loaded CI host
+                    idle += [connect_nowait(aport) for _ in range(100)]
+                # a slow sender (one byte now and then) is dropped at the header timeout
+                slow = connect(aport)
+                slow.sendall(b"G")
+                slow.settimeout(10)
+                t0 = time.monotonic()
+                assert recv_all(slow) == b""
+                assert time.monotonic() - t0 < 8
+                slow.close()
+                samples = scrape(aport)
+                assert total(samples, "ringd_admin_clients_evicted_total") >= 100
+                assert total(samples, "ringd_admin_clients") <= 64
+                assert r.status()["generation"] == 1
+            finally:
+                for s in idle:
+                    s.close()
+            r.assert_no_traceback()
