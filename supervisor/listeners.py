@@ -4,16 +4,17 @@ One SO_REUSEPORT socket per listener per worker slot, so the kernel spreads
 connections over the workers. Sockets are keyed by (address, slot): a reload
 hands slot i of the new generation the very socket slot i of the old one used,
 so no listening socket is closed and no queued connection is lost. When the
-worker count goes down, the sockets of the slots that went away are adopted by
-the remaining workers rather than closed. A socket is closed only when its
-listener disappears (or its slot's worker stays down), after the workers that
-accepted on it have stopped.
+worker count goes down, the sockets of the slots that went away can be
+adopted by the remaining workers rather than closed (the master decides, see
+Master._adoption). A socket is closed only when no generation needs it, after
+the workers that accepted on it have stopped.
 """
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from .config import Address, Config
@@ -123,12 +124,26 @@ class ListenerSockets:
                     out.append((self._socks[k].fileno(), li))
         return out
 
+    def queued(self, key: SocketKey) -> int:
+        """Connections waiting in the accept queue of a listening socket
+        (TCP_INFO of a listener: tcpi_unacked is the queue length); 0 if the
+        socket is gone or the kernel does not say."""
+        sock = self._socks.get(key)
+        if sock is None:
+            return 0
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+            return struct.unpack_from("=I", info, 24)[0]   # after 8 bytes of u8 + 4 u32
+        except (OSError, struct.error):
+            return 0
+
     def all_fds(self) -> list[int]:
         return [s.fileno() for s in self._socks.values()]
 
-    def retire(self, keep: set[SocketKey]) -> list[SocketKey]:
-        """Close every socket whose key is not in `keep`."""
-        gone = [k for k in self._socks if k not in keep]
+    def retire(self, keep: set[SocketKey]) -> dict[SocketKey, int]:
+        """Close every socket whose key is not in `keep`; returns each closed
+        key with the connections that were queued on it at the close."""
+        gone = {k: self.queued(k) for k in self._socks if k not in keep}
         for k in gone:
             self._socks.pop(k).close()
             self._backlog.pop(k, None)

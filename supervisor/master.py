@@ -36,6 +36,8 @@ WATCHDOG_PERIOD = 0.5
 STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
 HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
 RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
+ADOPT_QUIET = 60.0          # tcp_migrate_req=0: a listener this long without a new
+                            # connection is quiet: a reload lets its orphaned sockets go
 
 
 @dataclass
@@ -118,6 +120,11 @@ class Master:
         self.health = None        # ringd.health.HealthChecker (server states)
         self.extras: list = []    # components with start()/stop() (health, admin)
         self._pause_logged: dict[tuple, float] = {}
+        # per listening address: (connections accepted, when that last changed)
+        self._activity: dict[tuple, tuple[int, float]] = {}
+        self.adopt_quiet = ADOPT_QUIET
+        if test_hooks and os.environ.get("RINGD_TEST_ADOPT_QUIET"):
+            self.adopt_quiet = float(os.environ["RINGD_TEST_ADOPT_QUIET"])
 
     # ------------------------------------------------------------ lifecycle
 
@@ -257,7 +264,7 @@ class Master:
     def _new_generation(self, cfg: Config) -> Generation:
         gen = Generation(self.next_gen, cfg)
         self.next_gen += 1
-        gen.adopted = self.sockets.adoptable(cfg)
+        gen.adopted = self._adoption(cfg)
         gen.socket_keys |= gen.adopted
         self.generations.append(gen)
         if self.health is not None:
@@ -265,6 +272,59 @@ class Master:
         for slot, (cpu, sq_cpu) in enumerate(plan_cpus(cfg)):
             self._spawn(gen, slot, cpu, sq_cpu)
         return gen
+
+    def _adoption(self, cfg: Config) -> set:
+        """Which sockets of slots that `cfg` no longer has (fewer workers than
+        before) its workers adopt, that is keep accepting on.
+
+        A listening socket closed while connections wait in its queue resets
+        them, unless net.ipv4.tcp_migrate_req = 1: then the kernel moves them
+        to another socket of the same port. So:
+        - tcp_migrate_req = 1: none. Each such socket is closed as soon as the
+          old workers stopped accepting on it; its queue moves over.
+        - 0: all, except those of a listener that took no new connection for
+          adopt_quiet seconds (the port is quiet). Those close once the old
+          workers stopped accepting; the master checks that the queue is
+          empty then, and logs what a late arrival lost if it was not.
+        The workers accept on an adopted socket until they are replaced, so
+        its queue is never looked at while nobody takes from it."""
+        candidates = self.sockets.adoptable(cfg)
+        if not candidates:
+            return set()
+        if _sysctl("net/ipv4/tcp_migrate_req") == "1":
+            return set()
+        self._note_activity()
+        now = time.monotonic()
+        keep = set()
+        for k in candidates:
+            _, changed = self._activity.get((k.family, k.ip, k.port), (0, now))
+            if now - changed < self.adopt_quiet or self.sockets.queued(k):
+                keep.add(k)
+        if keep:
+            self.log.info("listeners_adopted", sockets=_socket_names(keep),
+                          hint="net.ipv4.tcp_migrate_req=0: closing them could reset queued "
+                               "connections; they are kept until a reload finds their port "
+                               f"quiet for {self.adopt_quiet:g}s (set it to 1 to close them "
+                               "at once)")
+        return keep
+
+    def _note_activity(self) -> None:
+        """Record when each listening address last accepted a connection
+        (any worker of any generation), for _adoption."""
+        totals: dict[tuple, int] = {}
+        for gen in self.generations:
+            for li, lst in enumerate(gen.config.listeners):
+                addr = (lst.listen.family, lst.listen.ip, lst.listen.port)
+                n = sum(gen.shm.lstats(w)[li].accepted for w in range(gen.shm.nworkers))
+                totals[addr] = totals.get(addr, 0) + n
+        now = time.monotonic()
+        for addr, n in totals.items():
+            old = self._activity.get(addr)
+            if old is None or old[0] != n:
+                self._activity[addr] = (n, now)
+        for addr in list(self._activity):
+            if addr not in totals:
+                del self._activity[addr]
 
     def _activate(self, gen: Generation) -> None:
         gen.state = "active"
@@ -413,12 +473,22 @@ class Master:
             if gen.state in ("starting", "active") and not self.stopping:
                 keep |= gen.keys_in_use()
                 continue
+            n = len(gen.workers)
             for w in gen.live():
                 if not w.accept_stopped:
-                    keep |= {k for k in gen.socket_keys if k.slot == w.slot}
+                    # its own socket and those it adopted (slot j goes to j % n)
+                    keep |= {k for k in gen.socket_keys if k.slot % n == w.slot}
         gone = self.sockets.retire(keep)
         if gone:
-            self.log.info("listeners_closed", sockets=[f"{k.ip}:{k.port}#{k.slot}" for k in gone])
+            queued = sum(gone.values())
+            migrate = _sysctl("net/ipv4/tcp_migrate_req") == "1"
+            self.log.info("listeners_closed", sockets=_socket_names(gone), queued=queued,
+                          queue_moved=migrate if queued else None)
+            if queued and not migrate and not self.stopping:
+                self.log.warning("queued_connections_reset", connections=queued,
+                                 sockets=_socket_names(k for k, q in gone.items() if q),
+                                 hint="net.ipv4.tcp_migrate_req=0: set it to 1 so that the "
+                                      "kernel moves them to the remaining sockets")
 
     # ------------------------------------------------------------ events
 
@@ -618,6 +688,7 @@ class Master:
                         self.log.error("worker_stalled", worker=w.slot, gen=gen.number,
                                        pid=w.pid, silent_for=round(now - w.hb_changed, 2))
                         self._abort_if_alive(w, "watchdog: heartbeat stalled")
+            self._note_activity()
             line = self._status_line()
             if line != last_status:         # systemd needs no repeats
                 notify.status(line)
@@ -785,6 +856,10 @@ class Master:
     def status(self) -> dict:
         from .status import collect
         return collect(self)
+
+
+def _socket_names(keys) -> list[str]:
+    return sorted(f"{k.ip}:{k.port}#{k.slot}" for k in keys)
 
 
 def _log_settings(cfg: Config) -> tuple:
