@@ -137,6 +137,10 @@ class ListenerSockets:
         except (OSError, struct.error):
             return 0
 
+    def keys(self) -> set[SocketKey]:
+        """Every socket open now."""
+        return set(self._socks)
+
     def all_fds(self) -> list[int]:
         return [s.fileno() for s in self._socks.values()]
 

@@ -403,9 +403,10 @@ class Master:
         self._check_generation_done(gen)
 
     def _kill_if_alive(self, w: WorkerProc, why: str, sig: int = signal.SIGKILL) -> None:
-        """SIGKILL: for workers whose loop still runs (their heartbeat moves,
-        else the watchdog would have aborted them) but did not finish in
-        time; a core dump of those would show nothing wrong."""
+        """Signal a worker (SIGKILL unless told otherwise) and log it. Workers
+        that overran a drain deadline or a stop get SIGKILL straight away:
+        their loop still runs (their heartbeat moves, else the watchdog would
+        have aborted them), so a core dump would show nothing wrong."""
         if w.state == "exited":
             return
         w.killed = why
@@ -479,16 +480,22 @@ class Master:
                     # its own socket and those it adopted (slot j goes to j % n)
                     keep |= {k for k in gen.socket_keys if k.slot % n == w.slot}
         gone = self.sockets.retire(keep)
-        if gone:
-            queued = sum(gone.values())
-            migrate = _sysctl("net/ipv4/tcp_migrate_req") == "1"
-            self.log.info("listeners_closed", sockets=_socket_names(gone), queued=queued,
-                          queue_moved=migrate if queued else None)
-            if queued and not migrate and not self.stopping:
-                self.log.warning("queued_connections_reset", connections=queued,
-                                 sockets=_socket_names(k for k, q in gone.items() if q),
-                                 hint="net.ipv4.tcp_migrate_req=0: set it to 1 so that the "
-                                      "kernel moves them to the remaining sockets")
+        if not gone:
+            return
+        # a queue moves (tcp_migrate_req=1) only to a socket of the same
+        # address that stays open
+        migrate = _sysctl("net/ipv4/tcp_migrate_req") == "1"
+        still_open = {(k.family, k.ip, k.port) for k in self.sockets.keys()}
+        lost = {k: q for k, q in gone.items()
+                if q and not (migrate and (k.family, k.ip, k.port) in still_open)}
+        self.log.info("listeners_closed", sockets=_socket_names(gone),
+                      queued=sum(gone.values()), queued_reset=sum(lost.values()))
+        if lost and not self.stopping:
+            self.log.warning("queued_connections_reset", connections=sum(lost.values()),
+                             sockets=_socket_names(lost),
+                             hint="the kernel resets what waits on a listening socket that "
+                                  "closes, unless net.ipv4.tcp_migrate_req=1 and another "
+                                  "socket of the port stays open")
 
     # ------------------------------------------------------------ events
 

@@ -96,7 +96,8 @@ def main(tmp: Path, migrate: str) -> dict:
                 out["after_quiet_reload"] = counts()
             out["final_roundtrip"] = [echo_roundtrip(p, b"still here").decode() for p in (p1, p2)]
             out["listeners_adopted"] = len(r.events("listeners_adopted"))
-            out["listeners_closed"] = [e.get("queued") for e in r.events("listeners_closed")]
+            out["listeners_closed"] = [(e.get("queued"), e.get("queued_reset"))
+                                       for e in r.events("listeners_closed")]
             out["queued_reset"] = len(r.events("queued_connections_reset"))
     out["ok"] = sa.ok + sb.ok
     out["failures"] = (sa.failures + sb.failures)[:10]

@@ -772,4 +772,5 @@ def test_shrinking_worker_count_gives_sockets_back(tmp_path, migrate):
     assert final["worker_fds"] == base["worker_fds"], out
     assert final["workers_listen"] == [2, 2]
     assert out["queued_reset"] == 0
+    assert all(reset == 0 for _, reset in out["listeners_closed"]), out["listeners_closed"]
     assert out["final_roundtrip"] == ["still here", "still here"]
