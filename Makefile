@@ -2,6 +2,7 @@
 #   make run    ringd in the foreground on conf/demo.toml, with a demo backend
 #   make test   the whole test suite
 #   make bench  the side-by-side benchmark (not part of make test)
+#   make bench-profile  where the proxies' CPU goes per request (perf)
 #   make deb    the Debian package
 
 PYTHON  ?= python3
@@ -12,7 +13,7 @@ APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
 SOURCES := $(wildcard supervisor/*.py worker/*.py native/*.c native/*.h native/*.py) \
            pyproject.toml setup.py
 
-.PHONY: run test deps venv bench deb deb-test clean
+.PHONY: run test deps venv bench bench-profile bench-deps deb deb-test clean
 
 # Debian packages, installed only when missing (needs root, as on CI).
 deps:
@@ -52,14 +53,25 @@ test: venv
 	$(VPY) -m pytest -q tests
 
 # Side-by-side benchmark (bench/README.md); BENCH_ARGS=--quick for a smoke run.
+# bench-profile: where the work goes per request (perf counts and samples);
+# an A/B of two ringd builds: make bench BENCH_ARGS='--ringd-a DIR --ringd-b DIR'.
+BENCH_PKGS := haproxy nginx-light libnginx-mod-stream iperf3 wrk
+
 bench: venv
-	@missing=""; for p in haproxy nginx-light libnginx-mod-stream iperf3 wrk; do \
+	@$(MAKE) --no-print-directory bench-deps BENCH_PKGS="$(BENCH_PKGS)"
+	@$(VPY) -c 'import matplotlib' 2>/dev/null || $(VPY) -m pip install -q matplotlib
+	BENCH_MAKE_TARGET=bench $(VPY) bench/run.py $(BENCH_ARGS)
+
+bench-profile: venv
+	@$(MAKE) --no-print-directory bench-deps BENCH_PKGS="$(BENCH_PKGS) linux-perf"
+	BENCH_MAKE_TARGET=bench-profile $(VPY) bench/run.py --profile $(BENCH_ARGS)
+
+bench-deps:
+	@missing=""; for p in $(BENCH_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
-	@$(VPY) -c 'import matplotlib' 2>/dev/null || $(VPY) -m pip install -q matplotlib
-	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -22,17 +22,18 @@ def _taskset(cpus: str | None, argv: list[str]) -> list[str]:
 
 
 def iperf3(port: int, streams: int, seconds: float, cpus: str | None,
-           reverse: bool = False) -> dict:
+           reverse: bool = False, wrap: list[str] = ()) -> dict:
     """One iperf3 client run; returns received bytes, seconds and Gbit/s.
     reverse (-R): the server sends and the client receives, i.e. the bytes
-    flow backend -> proxy -> client, like a download."""
-    argv = _taskset(cpus, ["iperf3", "-c", HOST, "-p", str(port), "-P", str(streams),
+    flow backend -> proxy -> client, like a download. wrap: an argv prefix
+    (the profile's perf stat)."""
+    argv = list(wrap) + _taskset(cpus, ["iperf3", "-c", HOST, "-p", str(port), "-P", str(streams),
                            "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000"]
                     + (["-R"] if reverse else []))
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 20)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 40)
     except subprocess.TimeoutExpired:
-        raise LoadError(f"iperf3 did not finish within {seconds + 20:.0f}s")
+        raise LoadError(f"iperf3 did not finish within {seconds + 40:.0f}s")
     try:
         doc = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -76,16 +77,16 @@ def parse_wrk(out: str) -> dict:
 
 
 def wrk(port: int, path: str, conns: int, seconds: float, cpus: str | None,
-        close: bool = False) -> dict:
+        close: bool = False, wrap: list[str] = ()) -> dict:
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "2s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{HOST}:{port}{path}")
     try:
-        p = subprocess.run(_taskset(cpus, argv), capture_output=True, text=True,
-                           timeout=seconds + 20)
+        p = subprocess.run(list(wrap) + _taskset(cpus, argv), capture_output=True,
+                           text=True, timeout=seconds + 40)
     except subprocess.TimeoutExpired:
-        raise LoadError(f"wrk did not finish within {seconds + 20:.0f}s")
+        raise LoadError(f"wrk did not finish within {seconds + 40:.0f}s")
     if p.returncode != 0:
         raise LoadError(f"wrk exit {p.returncode}: {p.stderr.strip()[:300]}")
     return parse_wrk(p.stdout)

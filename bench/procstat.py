@@ -220,3 +220,96 @@ def slab_objects() -> dict:
     except OSError:
         pass
     return out
+
+
+# --------------------------------------------------------------------------- idle CPU
+
+def _schedstat_ns(path: str) -> int | None:
+    """On-CPU nanoseconds of one task (first field of /proc/.../schedstat):
+    exact to the scheduler's clock, where utime+stime come in 10 ms ticks.
+    An idle proxy's goal (5 ms of CPU per second per worker) is half a tick,
+    so ticks alone cannot tell it apart from zero or from a miss."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ctxt(path: str) -> tuple[int, int]:
+    vol = invol = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return vol, invol
+
+
+def task_snapshot(pids: list[int]) -> dict:
+    """Per process and per thread: ticks (utime+stime; the group total for the
+    process), on-CPU ns (schedstat, live threads only), voluntary and
+    involuntary context switches (per thread, from status).
+
+    {pid: {"comm", "ppid", "proc_ticks", "tasks": {tid: {"comm", "ticks",
+    "ns", "vol", "invol"}}}}"""
+    snap = {}
+    for pid in pids:
+        st = _stat_fields(f"/proc/{pid}/stat")
+        if st is None:
+            continue
+        tasks = {}
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            tids = []
+        for tid in tids:
+            base = f"/proc/{pid}/task/{tid}"
+            t = _stat_fields(base + "/stat")
+            if t is None:
+                continue
+            vol, invol = _ctxt(base + "/status")
+            tasks[int(tid)] = {"comm": t[0], "ticks": _ticks(t[1]),
+                               "ns": _schedstat_ns(base + "/schedstat") or 0,
+                               "vol": vol, "invol": invol}
+        snap[pid] = {"comm": st[0], "ppid": int(st[1][1]), "proc_ticks": _ticks(st[1]),
+                     "tasks": tasks}
+    return snap
+
+
+def task_delta(before: dict, after: dict, seconds: float, master: int | None) -> dict:
+    """CPU-s per second and context switches per second between two
+    task_snapshot()s, split into the master process (ringd master, nginx
+    master; None for a single-process proxy) and the worker processes, and
+    per thread class (thread, iou-sqp, iou-wrk)."""
+    out = {"seconds": seconds, "workers": {}, "master": None}
+    for pid, a in after.items():
+        b = before.get(pid, {"proc_ticks": 0, "tasks": {}})
+        ns = vol = invol = 0
+        by_class = {"thread": 0.0, "iou-sqp": 0.0, "iou-wrk": 0.0}
+        threads = []
+        for tid, t in a["tasks"].items():
+            o = b["tasks"].get(tid, {"ns": 0, "vol": 0, "invol": 0, "ticks": 0})
+            d_ns = t["ns"] - o["ns"]
+            ns += d_ns
+            vol += t["vol"] - o["vol"]
+            invol += t["invol"] - o["invol"]
+            by_class[thread_class(t["comm"])] += d_ns / 1e9 / seconds
+            threads.append({"comm": t["comm"], "cpu_per_s": d_ns / 1e9 / seconds,
+                            "vol_per_s": (t["vol"] - o["vol"]) / seconds,
+                            "invol_per_s": (t["invol"] - o["invol"]) / seconds})
+        rec = {"comm": a["comm"],
+               "cpu_per_s": ns / 1e9 / seconds,
+               "ticks_cpu_per_s": (a["proc_ticks"] - b["proc_ticks"]) / CLK_TCK / seconds,
+               "by_class": by_class,
+               "vol_per_s": vol / seconds, "invol_per_s": invol / seconds,
+               "threads": threads}
+        if pid == master:
+            out["master"] = rec
+        else:
+            out["workers"][pid] = rec
+    return out

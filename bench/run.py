@@ -29,10 +29,15 @@ sys.path.insert(0, HERE)
 import loads                      # noqa: E402
 import procstat                   # noqa: E402
 import report                     # noqa: E402
-from systems import (Backends, HTTP_PATH, Procs, StartError, all_systems,   # noqa: E402
-                     cpu_list, have)
+import hostinfo                   # noqa: E402
+import perfprof                   # noqa: E402
+from systems import (Backends, HTTP_PATH, Procs, StartError, ab_systems,    # noqa: E402
+                     all_systems, cpu_list, have)
 
-SCENARIOS = ["bulk1", "bulk8", "bulk1r", "keepalive", "close", "idle"]
+SCENARIOS = ["idlecpu", "bulk1", "bulk8", "bulk1r", "keepalive", "close", "idle"]
+# what --profile profiles (idle memory has no per-unit work to count)
+PROFILE_SCENARIOS = ["idlecpu", "bulk1", "bulk8", "bulk1r", "keepalive", "close"]
+LOADS = ("bulk1", "bulk8", "bulk1r", "keepalive", "close")
 
 
 def parse_args(argv=None):
@@ -61,27 +66,101 @@ def parse_args(argv=None):
     ap.add_argument("--haproxy-pipesize", type=int, default=0,
                     help="HAProxy tune.pipesize in bytes (default: unset, i.e. the "
                          "kernel's 64 KiB)")
-    ap.add_argument("--systems", default="direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx",
-                    help="comma list out of the default")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help="comma list out of the default")
+    ap.add_argument("--systems",
+                    help="comma list out of direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx "
+                         "(default: all; in an A/B run: only the A/B variants)")
+    ap.add_argument("--scenarios",
+                    help=f"comma list out of {','.join(SCENARIOS)} (default: all; "
+                         f"--profile: {','.join(PROFILE_SCENARIOS)})")
+    ap.add_argument("--idle-seconds", type=float,
+                    help="length of each idle-CPU window (default 3, quick 2)")
     ap.add_argument("--ringd", default=os.path.join(REPO, ".venv", "bin", "ringd"),
                     help="ringd executable (default .venv/bin/ringd)")
+    prof = ap.add_argument_group(
+        "profile mode", "where the work goes: per scenario and system, syscalls, io_uring "
+        "SQEs/CQEs/enters, context switches (perf stat on tracepoints) and a perf record -g "
+        "of the proxy's CPU, each in a pass of its own next to the timed pass")
+    prof.add_argument("--profile", action="store_true",
+                      help="profile mode (default 1 repetition); writes profile-*.md/.json")
+    prof.add_argument("--perf-freq", type=int, default=1999,
+                      help="perf record sampling frequency in Hz (default 1999)")
+    prof.add_argument("--top", type=int, default=15, help="symbols listed per profile (15)")
+    ab = ap.add_argument_group(
+        "A/B runs", "two ringd builds and/or [ring] settings, interleaved (A then B, B then A "
+        "in the next repetition); the report gives B/A per row with min-max over the "
+        "repetitions; writes ab-*.md/.json")
+    ab.add_argument("--ringd-a", metavar="PATH",
+                    help="build A: a ringd executable, a venv, or a worktree with .venv "
+                         "(default: --ringd)")
+    ab.add_argument("--ringd-b", metavar="PATH", help="build B (default: --ringd)")
+    ab.add_argument("--ring-a", action="append", default=[], metavar="'KEY = VALUE'",
+                    help="an extra [ring] line for A only (repeatable)")
+    ab.add_argument("--ring-b", action="append", default=[], metavar="'KEY = VALUE'",
+                    help="an extra [ring] line for B only (repeatable)")
+    ab.add_argument("--ab-modes", default="nosqpoll,sqpoll",
+                    help="ring modes of the A/B pair: nosqpoll,sqpoll (default both)")
     ap.add_argument("--out", help="results directory (default bench/results, "
                                   "quick: bench/results/quick)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ap.add_argument("--note", default="",
+                    help="a line printed in bold under the report's title (e.g. that the "
+                         "machine was busy)")
     a = ap.parse_args(argv)
-    a.reps = a.reps or (1 if a.quick else 3)
+    a.ab = bool(a.ringd_a or a.ringd_b or a.ring_a or a.ring_b)
+    a.reps = a.reps or (1 if a.quick or (a.profile and not a.ab) else 3)
     a.duration = a.duration or (2.0 if a.quick else 5.0)
+    a.idle_seconds = a.idle_seconds or (2.0 if a.quick else 3.0)
     a.out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
+    if a.systems is None:
+        a.systems = "" if a.ab else "direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx"
     a.systems = [s for s in a.systems.split(",") if s]
+    for s in a.systems:
+        if s not in ("direct", "ringd_sqpoll", "ringd_nosqpoll", "haproxy", "nginx"):
+            ap.error(f"unknown system {s!r}")
+    if a.scenarios is None:
+        a.scenarios = ",".join(PROFILE_SCENARIOS if a.profile else SCENARIOS)
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     for s in a.scenarios:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r}")
-    if a.reps < 1 or a.workers < 1 or a.duration <= 0:
-        ap.error("--reps, --workers and --duration must be positive")
+    a.ab_modes = [m for m in a.ab_modes.split(",") if m]
+    for m in a.ab_modes:
+        if m not in ("nosqpoll", "sqpoll"):
+            ap.error(f"unknown --ab-modes entry {m!r} (nosqpoll, sqpoll)")
+    if a.reps < 1 or a.workers < 1 or a.duration <= 0 or a.idle_seconds <= 0:
+        ap.error("--reps, --workers, --duration and --idle-seconds must be positive")
+    if a.ab:
+        try:
+            a.ab_sides = [ab_side("A", a.ringd_a or a.ringd, a.ring_a),
+                          ab_side("B", a.ringd_b or a.ringd, a.ring_b)]
+        except ValueError as e:
+            ap.error(str(e))
+        if a.ab_sides[0]["exe"] == a.ab_sides[1]["exe"] and a.ring_a == a.ring_b:
+            ap.error("A and B are the same build with the same settings")
     return a
+
+
+def ab_side(name: str, spec: str, ring: list[str]) -> dict:
+    """Resolve an A/B build: a ringd executable, a venv (bin/ringd) or a
+    worktree/checkout (.venv/bin/ringd); describe it by its git commit."""
+    spec = os.path.abspath(spec)
+    for cand in (spec, os.path.join(spec, "bin", "ringd"),
+                 os.path.join(spec, ".venv", "bin", "ringd")):
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            exe = cand
+            break
+    else:
+        raise ValueError(f"--ringd-{name.lower()} {spec}: no ringd executable there (nor "
+                         f"bin/ringd, .venv/bin/ringd); run `make venv` in that worktree")
+    # the checkout the venv was built from: the venv's parent for .venv/bin/ringd
+    d = os.path.dirname(os.path.dirname(exe))
+    src = os.path.dirname(d) if os.path.basename(d) == ".venv" else d
+    commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "native",
+                            "supervisor", "worker"], capture_output=True, text=True).stdout
+    return {"name": name, "exe": exe, "ring": list(ring), "source": src,
+            "commit": (commit or "?") + (" (uncommitted changes)" if dirty.strip() else "")}
 
 
 # --------------------------------------------------------------------------- setup
@@ -198,12 +277,16 @@ class Runner:
     def __init__(self, opts, procs: Procs, backends: Backends):
         self.opts, self.procs, self.backends = opts, procs, backends
         self.data: dict = {}        # system key -> metric -> [values]
+        self.by_rep: dict = {}      # system key -> metric -> {rep: value} (A/B ratios)
         self.details: list = []     # one record per measurement
         self.errors: list = []
         self.noisy: list = []       # sessions that started next to a test suite/build
+        self.rep = 0
 
     def put(self, system, metric, value):
         self.data.setdefault(system.key, {}).setdefault(metric, []).append(value)
+        if value is not None:
+            self.by_rep.setdefault(system.key, {}).setdefault(metric, {})[self.rep] = value
 
     def cpu_before(self, system):
         return procstat.cpu_snapshot(system.pids()) if system.proxy else None
@@ -235,61 +318,80 @@ class Runner:
         """How busy the proxy's CPUs and the load's CPUs were during the load
         (percent of their time). Tells which side set the pace: a load CPU at
         100 % while the proxy's CPU idles means the figure is the load's.
-        Returns the proxy CPUs' busy seconds (None if not separated)."""
+        Returns the busy seconds of the proxy's CPUs and of the load's CPUs
+        (None, None if they are not separated)."""
         t0, p0, l0 = start
         if p0 is None:
-            return None
+            return None, None
         wall = time.monotonic() - t0
         proxy_s = self.core_busy() - p0
+        load_s = self.core_busy(self.opts.load_cpu_ids) - l0
         self.put(system, f"{scen}_proxybusy",
                  100 * proxy_s / (wall * len(self.opts.proxy_cpu_ids)))
-        self.put(system, f"{scen}_loadbusy",
-                 100 * (self.core_busy(self.opts.load_cpu_ids) - l0)
-                 / (wall * len(self.opts.load_cpu_ids)))
-        return proxy_s
+        self.put(system, f"{scen}_loadbusy", 100 * load_s / (wall * len(self.opts.load_cpu_ids)))
+        return proxy_s, load_s
 
     def cpu_after(self, system, before):
         if not system.proxy:
             return None
         return procstat.cpu_delta(before, procstat.cpu_snapshot(system.pids()))
 
-    def bulk(self, system, rep, streams, reverse=False):
-        scen = f"bulk{streams}" + ("r" if reverse else "")
+    # ------------------------------------------------------------------ loads
+
+    def run_load(self, system, scen, wrap=()):
+        """One load of a scenario; returns (result, units of work): MB moved
+        for the bulk scenarios, requests (= connections for close) for wrk."""
+        o = self.opts
+        if scen.startswith("bulk"):
+            streams = 8 if scen == "bulk8" else 1
+            res = loads.iperf3(system.ports["bulk"], streams, o.duration, o.load_cpus,
+                               reverse=scen == "bulk1r", wrap=wrap)
+            return res, res["bytes"] / 1e6
+        res = loads.wrk(system.ports["http"], HTTP_PATH, o.wrk_conns, o.duration,
+                        o.load_cpus, close=scen == "close", wrap=wrap)
+        return res, res["requests"]
+
+    def bulk(self, system, rep, scen):
         before = self.cpu_before(system)
         busy = self.busy_start()
-        res = loads.iperf3(system.ports["bulk"], streams, self.opts.duration,
-                           self.opts.load_cpus, reverse=reverse)
-        core_s = self.busy_end(system, scen, busy)
+        res, _ = self.run_load(system, scen)
+        core_s, load_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
-        if system.proxy and core_s is not None and res["bytes"]:
-            self.put(system, f"{scen}_core10g", core_s / (res["bytes"] * 8 / 1e10))
+        per = res["bytes"] * 8 / 1e10 if res["bytes"] else 0
+        if system.proxy and core_s is not None and per:
+            self.put(system, f"{scen}_core10g", core_s / per)
+        if core_s is not None and per:
+            # both CPU sets: on loopback a proxy can move TCP work to the load CPU
+            self.put(system, f"{scen}_total10g", (core_s + load_s) / per)
         self.put(system, f"{scen}_gbps", res["gbps"])
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
-        if cpu:
-            per10g = cpu["proc_s"] / (res["bytes"] * 8 / 1e10)
+        if cpu and per:
+            per10g = cpu["proc_s"] / per
             self.put(system, f"{scen}_cpu10g", per10g)
             rec["cpu"] = cpu
             rec["cpu10g"] = per10g
-            rec["cpu10g_tasks"] = cpu["tasks_s"] / (res["bytes"] * 8 / 1e10)
+            rec["cpu10g_tasks"] = cpu["tasks_s"] / per
         self.details.append(rec)
-        return f"{res['gbps']:.2f} Gbit/s" + (f", {rec['cpu10g']:.3f} CPU-s/10Gbit" if cpu else "")
+        return f"{res['gbps']:.2f} Gbit/s" + (f", {rec['cpu10g']:.3f} CPU-s/10Gbit"
+                                              if "cpu10g" in rec else "")
 
-    def http(self, system, rep, close):
-        scen = "close" if close else "keepalive"
+    def http(self, system, rep, scen):
         before = self.cpu_before(system)
         busy = self.busy_start()
-        res = loads.wrk(system.ports["http"], HTTP_PATH, self.opts.wrk_conns,
-                        self.opts.duration, self.opts.load_cpus, close=close)
-        core_s = self.busy_end(system, scen, busy)
+        res, _ = self.run_load(system, scen)
+        core_s, load_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
-        if system.proxy and core_s is not None and res["requests"]:
-            self.put(system, f"{scen}_core100k", core_s / (res["requests"] / 1e5))
+        per = res["requests"] / 1e5
+        if system.proxy and core_s is not None and per:
+            self.put(system, f"{scen}_core100k", core_s / per)
+        if core_s is not None and per:
+            self.put(system, f"{scen}_total100k", (core_s + load_s) / per)
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
         self.put(system, f"{scen}_rps", res["rps"])
         self.put(system, f"{scen}_p50", res.get("p50_ms"))
         self.put(system, f"{scen}_p99", res.get("p99_ms"))
-        if cpu and res["requests"]:
-            per100k = cpu["proc_s"] / (res["requests"] / 1e5)
+        if cpu and per:
+            per100k = cpu["proc_s"] / per
             self.put(system, f"{scen}_cpu100k", per100k)
             rec["cpu"] = cpu
             rec["cpu100k"] = per100k
@@ -298,6 +400,161 @@ class Runner:
         self.details.append(rec)
         return (f"{res['rps']:.0f} req/s, p50 {res.get('p50_ms', 0):.2f} ms, "
                 f"p99 {res.get('p99_ms', 0):.2f} ms, errors {errs}")
+
+    # ------------------------------------------------------------------ profile passes
+
+    def count_pass(self, system, rep, scen):
+        """The load again, counted: perf stat on the proxy's processes (every
+        thread, io_uring's included), on the backends' processes, and around
+        the load generator itself. Per unit of work of this pass's load."""
+        o = self.opts
+        tag = f"{system.key}-{scen}-{rep}"
+        pev, lev = perfprof.proxy_events(), perfprof.load_events()
+        counters = []
+        try:
+            pc = bc = None
+            if system.proxy:
+                pc = perfprof.Counter(self.procs, self.tmp, f"perf-proxy-{tag}", pev,
+                                      pids=system.pids())
+                counters.append(pc)
+            bc = perfprof.Counter(self.procs, self.tmp, f"perf-backends-{tag}", lev,
+                                  pids=self.backends.pids())
+            counters.append(bc)
+            wrap, client_out = perfprof.stat_wrap(self.tmp, f"perf-client-{tag}", lev)
+            for c in counters:
+                c.enable()
+            before = self.cpu_before(system)
+            try:
+                res, units = self.run_load(system, scen, wrap=wrap)
+            finally:
+                for c in counters:
+                    c.disable()
+            cpu = self.cpu_after(system, before)
+            prox = pc.result() if pc else {}
+            back = bc.result()
+            with open(client_out) as f:
+                client = perfprof.parse_stat_csv(f.read(), lev)
+        finally:
+            for c in counters:
+                c.finish()
+        if not units:
+            raise loads.LoadError("the counted load moved nothing")
+
+        def per(v):
+            return None if v is None else v / units
+        load_sys = (back.get("syscalls") or 0) + (client.get("syscalls") or 0)
+        load_cs = (back.get("cs") or 0) + (client.get("cs") or 0)
+        self.put(system, f"{scen}_p_load_sys", load_sys / units)
+        self.put(system, f"{scen}_p_load_cs", load_cs / units)
+        rec = {"system": system.key, "rep": rep, "scenario": f"{scen} counted",
+               "units": units, "load": res, "proxy": prox, "backends": back,
+               "client": client}
+        if system.proxy:
+            # coverage check: perf's task-clock of the proxy's threads against
+            # /proc's CPU time of its processes over the same load. Far below
+            # 100 % would mean the counters missed threads.
+            if cpu and cpu["proc_s"] > 0 and prox.get("task_clock") is not None:
+                rec["coverage"] = prox["task_clock"] / 1e3 / cpu["proc_s"]
+                self.put(system, f"{scen}_p_coverage", 100 * rec["coverage"])
+            for k in ("syscalls", "cs", "sqe", "cqe", "async", "pollarm", "taskadd",
+                      "localrun"):
+                if k in prox:
+                    self.put(system, f"{scen}_p_{k}", per(prox[k]))
+            self.put(system, f"{scen}_p_enter", per(prox.get("sys_io_uring_enter")))
+            known = sum(v or 0 for k, v in prox.items() if k.startswith("sys_"))
+            rec["syscalls_per_unit"] = {k[4:]: v / units for k, v in prox.items()
+                                        if k.startswith("sys_") and v}
+            # the named events and the total are switched on together but not
+            # atomically: a count of a few off either way is noise, not "other"
+            rec["syscalls_per_unit"]["other"] = max(0.0, (prox.get("syscalls") or 0)
+                                                    - known) / units
+        self.details.append(rec)
+        if not system.proxy:
+            return f"load side {load_sys / units:.2f} syscalls/unit"
+        ent = prox.get("sys_io_uring_enter") or 0
+        return (f"{(prox.get('syscalls') or 0) / units:.2f} syscalls, "
+                f"{(prox.get('sqe') or 0) / units:.2f} SQEs, {ent / units:.2f} enters, "
+                f"{(prox.get('cs') or 0) / units:.2f} cs per unit")
+
+    def record_pass(self, system, rep, scen):
+        """The load again, sampled: perf record -g of the proxy's CPUs."""
+        o = self.opts
+        rec = perfprof.Recorder(self.procs, self.tmp, f"perf-record-{system.key}-{scen}-{rep}",
+                                o.proxy_cpus, o.perf_freq)
+        try:
+            pids = set(system.pids())
+            rec.enable()
+            try:
+                res, units = self.run_load(system, scen)
+            finally:
+                rec.disable()
+            samples = rec.samples()
+        finally:
+            rec.finish()
+        master = system.root.pid if len(pids) > 1 else None
+        summ = perfprof.summarize(samples, pids, o.perf_freq, top=o.top, master=master)
+        cats = summ["categories_pct"]
+        self.put(system, f"{scen}_p_tcp_pct", cats.get("TCP/IP + socket layer", 0.0))
+        self.details.append({"system": system.key, "rep": rep, "scenario": f"{scen} profiled",
+                             "units": units, "load": res, "profile": summ})
+        top = summ["top_self"][0] if summ["top_self"] else ("-", "", 0)
+        return (f"{summ['proxy_samples']} samples; TCP/IP {cats.get('TCP/IP + socket layer', 0):.0f} %"
+                f"; top {top[0]} {top[2]:.1f} %")
+
+    # ------------------------------------------------------------------ idle
+
+    def idle_cpu(self, system, rep, when):
+        """CPU of an idle proxy (no connection at all): CPU-seconds per second
+        per worker process, io_uring's threads (the SQPOLL poller iou-sqp-*)
+        included, from the threads' schedstat (ns). `when`: "fresh" right
+        after the start, "after" once every load is over. In the profile mode
+        the same window is counted with perf too (syscalls, enters per
+        second)."""
+        o = self.opts
+        pids = system.pids()
+        master = system.root.pid if len(pids) > 1 else None
+        time.sleep(0.5 if when == "fresh" else 1.0)
+        pc = None
+        if o.profile:
+            pc = perfprof.Counter(self.procs, self.tmp, f"perf-idle-{system.key}-{when}-{rep}",
+                                  perfprof.proxy_events(), pids=pids)
+            pc.enable()
+        try:
+            before = procstat.task_snapshot(pids)
+            t0 = time.monotonic()
+            time.sleep(o.idle_seconds)
+            after = procstat.task_snapshot(pids)
+            secs = time.monotonic() - t0
+            counts = None
+            if pc:
+                pc.disable()
+                counts = pc.result()
+        finally:
+            if pc:
+                pc.finish()
+        d = procstat.task_delta(before, after, secs, master)
+        n = o.workers
+        wk = d["workers"].values()
+        per_worker = sum(w["cpu_per_s"] for w in wk) / n
+        total = per_worker * n + (d["master"]["cpu_per_s"] if d["master"] else 0.0)
+        tag = "idlecpu" if when == "fresh" else "idlecpu_after"
+        self.put(system, f"{tag}_worker", per_worker)
+        self.put(system, f"{tag}_total", total)
+        self.put(system, f"{tag}_sqp", sum(w["by_class"]["iou-sqp"] for w in wk) / n)
+        self.put(system, f"{tag}_wakeups",
+                 sum(w["vol_per_s"] + w["invol_per_s"] for w in wk) / n)
+        rec = {"system": system.key, "rep": rep, "scenario": tag, "idle": d}
+        if counts:
+            rec["counts_per_s"] = {k: (v or 0) / secs for k, v in counts.items()}
+            self.put(system, f"{tag}_syscalls", (counts.get("syscalls") or 0) / secs / n)
+            self.put(system, f"{tag}_enters",
+                     (counts.get("sys_io_uring_enter") or 0) / secs / n)
+        self.details.append(rec)
+        sqp = sum(w["by_class"]["iou-sqp"] for w in wk) / n
+        return (f"{per_worker:.4f} CPU-s/s per worker (iou-sqp {sqp:.4f}), "
+                f"whole proxy {total:.4f}")
+
+    # ------------------------------------------------------------------ memory
 
     def wait_holder(self, want, timeout):
         deadline = time.monotonic() + timeout
@@ -352,8 +609,33 @@ class Runner:
                 f"pipes {full['pipes'] - base['pipes']:+d} ({per['pipe']:.2f} KiB/conn); "
                 f"fds {base['fds']}->{full['fds']}")
 
+    def step(self, system, rep, scen, what, fn) -> bool:
+        """Run one measurement; print and record its outcome. False if the
+        proxy died (the session ends)."""
+        o = self.opts
+        name = scen if what == "timed" else f"{scen} {what}"
+        try:
+            msg = fn()
+        except (loads.LoadError, perfprof.PerfError, OSError,
+                subprocess.SubprocessError) as e:
+            msg = f"FAILED: {e}"
+            self.errors.append(f"rep {rep} {system.label} {name}: {e}")
+            self.details.append({"system": system.key, "rep": rep,
+                                 "scenario": f"{name} failed", "error": str(e),
+                                 "diag": system.diag(o)})
+            if scen.startswith("bulk"):
+                self.backends.restart_iperf()
+        alive = not (system.proxy and system.root.poll() is not None)
+        if not alive:
+            msg += f"  [proxy exited with {system.root.returncode}]"
+            self.errors.append(f"rep {rep} {system.label}: proxy exited "
+                               f"{system.root.returncode} during {name}")
+        print(f"  {system.label:18} {name:18} {msg}", flush=True)
+        return alive
+
     def run_system(self, system, rep):
         o = self.opts
+        self.rep = rep
         t0 = time.monotonic()
         if busy_neighbours():
             self.noisy.append(f"rep {rep} {system.label}")
@@ -368,37 +650,35 @@ class Runner:
             self.details.append({"system": system.key, "rep": rep, "scenario": "start",
                                  "info": system.info})
         try:
+            alive = True
             for scen in o.scenarios:
-                if scen == "idle" and not system.proxy:
+                if scen in ("idle", "idlecpu") and not system.proxy:
                     continue
-                try:
-                    if scen == "bulk1":
-                        msg = self.bulk(system, rep, 1)
-                    elif scen == "bulk8":
-                        msg = self.bulk(system, rep, 8)
-                    elif scen == "bulk1r":
-                        msg = self.bulk(system, rep, 1, reverse=True)
-                    elif scen == "keepalive":
-                        msg = self.http(system, rep, close=False)
-                    elif scen == "close":
-                        msg = self.http(system, rep, close=True)
-                    else:
-                        msg = self.idle(system, rep)
-                except loads.LoadError as e:
-                    msg = f"FAILED: {e}"
-                    self.errors.append(f"rep {rep} {system.label} {scen}: {e}")
-                    self.details.append({"system": system.key, "rep": rep,
-                                         "scenario": f"{scen} failed", "error": str(e),
-                                         "diag": system.diag(o)})
-                    if scen.startswith("bulk"):
-                        self.backends.restart_iperf()
-                if system.proxy and system.root.poll() is not None:
-                    msg += f"  [proxy exited with {system.root.returncode}]"
-                    self.errors.append(f"rep {rep} {system.label}: proxy exited "
-                                       f"{system.root.returncode} during {scen}")
-                print(f"  {system.label:16} {scen:9} {msg}", flush=True)
-                if system.proxy and system.root.poll() is not None:
+                if scen == "idlecpu":
+                    alive = self.step(system, rep, scen, "timed",
+                                      lambda: self.idle_cpu(system, rep, "fresh"))
+                elif scen == "idle":
+                    alive = self.step(system, rep, scen, "timed",
+                                      lambda: self.idle(system, rep))
+                else:
+                    fn = self.bulk if scen.startswith("bulk") else self.http
+                    alive = self.step(system, rep, scen, "timed",
+                                      lambda: fn(system, rep, scen))
+                    if alive and o.profile:
+                        alive = self.step(system, rep, scen, "counted",
+                                          lambda: self.count_pass(system, rep, scen))
+                    if alive and o.profile and system.proxy:
+                        alive = self.step(system, rep, scen, "profiled",
+                                          lambda: self.record_pass(system, rep, scen))
+                if not alive:
                     break
+            # the same idle measurement once the loads are over: a proxy
+            # that keeps a timer or a poller busy after traffic shows here
+            if (alive and system.proxy and "idlecpu" in o.scenarios
+                    and any(s in LOADS or s == "idle" for s in o.scenarios)):
+                self.wait_holder(0, 15)
+                self.step(system, rep, "idlecpu", "after loads",
+                          lambda: self.idle_cpu(system, rep, "after"))
             diag = system.diag(o)
             if diag is not None:
                 self.details.append({"system": system.key, "rep": rep, "scenario": "end",
@@ -408,7 +688,7 @@ class Runner:
                                        f"{diag['worker_restarts']} worker restart(s)")
         finally:
             system.stop(self.procs)
-        print(f"  {system.label:16} done in {time.monotonic() - t0:.1f}s "
+        print(f"  {system.label:18} done in {time.monotonic() - t0:.1f}s "
               f"(elapsed {time.monotonic() - self.t_start:.0f}s)", flush=True)
 
 
@@ -420,6 +700,10 @@ def check_tools(opts) -> list[str]:
         missing.append("haproxy")
     if any(s.startswith("ringd") for s in opts.systems) and not os.access(opts.ringd, os.X_OK):
         missing.append(opts.ringd + " (run `make venv`)")
+    if opts.profile:
+        why = perfprof.available()
+        if why:
+            missing.append(why)
     if not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
         missing.append("libnginx-mod-stream")
     return missing
@@ -431,9 +715,11 @@ def main(argv=None) -> int:
                         else sys.executable, os.path.relpath(os.path.abspath(__file__), REPO)]
                        + sys.argv[1:])
     make = None
-    if os.environ.get("MAKELEVEL"):          # started by `make bench`
-        args = " ".join(sys.argv[1:])
-        make = "make bench" + (f" BENCH_ARGS='{args}'" if args else "")
+    if os.environ.get("MAKELEVEL"):          # started by `make bench` / `make bench-profile`
+        target = os.environ.get("BENCH_MAKE_TARGET", "bench")
+        args = " ".join(a for a in sys.argv[1:] if not (target == "bench-profile"
+                                                         and a == "--profile"))
+        make = f"make {target}" + (f" BENCH_ARGS='{args}'" if args else "")
     if os.geteuid() != 0:
         print("run as root (ringd's 1 MiB pipes, SQPOLL, nofile)", file=sys.stderr)
         return 2
@@ -453,17 +739,26 @@ def main(argv=None) -> int:
         signal.signal(sig, on_term)
 
     systems = [s for s in all_systems() if s.key in opts.systems]
+    if opts.ab:
+        systems = ab_systems(opts.ab_sides[0], opts.ab_sides[1], opts.ab_modes) + systems
     if not systems:
         print("no systems selected", file=sys.stderr)
         return 2
     neighbours = busy_neighbours()
     info = machine_info()
+    # the syscall loop runs on the proxy's CPU, before any backend starts
+    host = hostinfo.host(opts.proxy_cpu_ids[0])
     started = dt.datetime.now()
-    per_sys = (len(opts.scenarios) * (opts.duration + 1.5) + 4)
+    passes = 3 if opts.profile else 1
+    per_sys = (sum((opts.duration + 1.5) * passes if s in LOADS else
+                   (2 * opts.idle_seconds + 2 if s == "idlecpu" else opts.duration + 1.5)
+                   for s in opts.scenarios) + 4)
     print(f"ringd benchmark: {len(systems)} systems x {opts.reps} reps, {opts.duration:g}s "
           f"loads, {opts.idle_conns} idle conns; roughly "
           f"{per_sys * len(systems) * opts.reps / 60:.1f} min", flush=True)
     print(f"pinning: {opts.pin_note}", flush=True)
+    print(f"host: {host['cpu_model']}, kernel {host['kernel']}, syscall "
+          f"{host['syscall'].get('ns')} ns", flush=True)
     if neighbours:
         print("WARNING: other busy processes are running; figures will be noisy:\n  "
               + "\n  ".join(neighbours[:5]), flush=True)
@@ -481,7 +776,15 @@ def main(argv=None) -> int:
         backends.start()
         for rep in range(1, opts.reps + 1):
             print(f"repetition {rep}/{opts.reps}", flush=True)
-            for system in systems:
+            order = systems
+            if opts.ab and rep % 2 == 0:
+                # B before A in every other repetition, so a drift of the host
+                # during the run does not favour one side
+                order = []
+                for i in range(0, 2 * len(opts.ab_modes), 2):
+                    order += [systems[i + 1], systems[i]]
+                order += systems[2 * len(opts.ab_modes):]
+            for system in order:
                 runner.run_system(system, rep)
     except KeyboardInterrupt:
         print("interrupted: stopping everything this run started", file=sys.stderr)
@@ -524,23 +827,33 @@ def main(argv=None) -> int:
         "errors": runner.errors,
         "quick": opts.quick,
         "systems": [[s.key, s.label] for s in systems],
+        "host": host,
+        "busy_note": opts.note,
+        "idle_seconds": opts.idle_seconds,
+        "profile": opts.profile,
+        "perf_freq": opts.perf_freq,
+        "scenarios": opts.scenarios,
+        "ab": ({"sides": opts.ab_sides, "modes": opts.ab_modes} if opts.ab else None),
     }
     os.makedirs(opts.out, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S")
-    md = report.markdown(meta, runner.data, runner.details)
-    raw = {"meta": meta, "data": runner.data, "details": runner.details}
-    for name in ("latest", f"bench-{stamp}"):
+    md = report.markdown(meta, runner.data, runner.details, runner.by_rep)
+    raw = {"meta": meta, "data": runner.data, "by_rep": runner.by_rep,
+           "details": runner.details}
+    kind = "ab" if opts.ab else "profile" if opts.profile else "bench"
+    latest = "latest" if kind == "bench" else f"{kind}-latest"
+    for name in (latest, f"{kind}-{stamp}"):
         with open(os.path.join(opts.out, f"{name}.md"), "w") as f:
             f.write(md)
         with open(os.path.join(opts.out, f"{name}.json"), "w") as f:
             json.dump(raw, f, indent=1, default=str)
-    if not opts.no_plot:
+    if not opts.no_plot and kind == "bench":
         png = os.path.join(opts.out, "latest.png")
         why = report.plot(meta, runner.data, png)
         print(f"plot: {png}" if why is None else f"plot skipped: {why}")
     print()
     print(md)
-    print(f"written: {os.path.join(opts.out, 'latest.md')} (+ bench-{stamp}.md/.json); "
+    print(f"written: {os.path.join(opts.out, latest + '.md')} (+ {kind}-{stamp}.md/.json); "
           f"{elapsed:.0f}s")
     if runner.errors:
         # the report is written and lists them; a failed measurement is a

@@ -44,11 +44,12 @@ class Procs:
         self.logdir = logdir
         self.live: dict[int, tuple[str, subprocess.Popen, object]] = {}
 
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict | None = None,
+              pass_fds: tuple = ()) -> subprocess.Popen:
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
         try:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 start_new_session=True, env=env)
+                                 start_new_session=True, env=env, pass_fds=pass_fds)
         except OSError:
             log.close()
             raise
@@ -196,6 +197,14 @@ http {{
         if not wait_listening(PORT_IPERF, 10):
             raise StartError("iperf3 server did not come back")
 
+    def pids(self) -> list[int]:
+        """Every process of the backends (nginx master and worker included)."""
+        out = []
+        for p in (self.iperf, self.nginx, self.holder):
+            if p is not None and p.poll() is None:
+                out += procstat.tree(p.pid)
+        return out
+
     def holder_conns(self) -> int:
         """Connections the idle backend holds (socket fds minus its listener)."""
         return max(0, procstat.count_sockets(self.holder.pid) - 1)
@@ -268,11 +277,20 @@ class Direct(System):
 
 
 class Ringd(System):
-    def __init__(self, index: int, sqpoll: bool):
-        key = "ringd_sqpoll" if sqpoll else "ringd_nosqpoll"
-        label = "ringd sqpoll" if sqpoll else "ringd no-sqpoll"
+    """ringd in one ring mode. `exe` and `ring` select a build and extra
+    [ring] lines (the A/B variants); None = the run's --ringd and no extras."""
+
+    def __init__(self, index: int, sqpoll: bool, key: str | None = None,
+                 label: str | None = None, exe: str | None = None, ring: tuple = ()):
+        key = key or ("ringd_sqpoll" if sqpoll else "ringd_nosqpoll")
+        label = label or ("ringd sqpoll" if sqpoll else "ringd no-sqpoll")
         super().__init__(key, label, index)
         self.sqpoll = sqpoll
+        self.exe = exe
+        self.ring = list(ring)
+
+    def executable(self, opts) -> str:
+        return self.exe or opts.ringd
 
     def conf_text(self, tmp: str, opts) -> str:
         d = os.path.join(tmp, self.key)
@@ -290,6 +308,7 @@ class Ringd(System):
             f"sqpoll = {'true' if self.sqpoll else 'false'}",
             f'pipe_size = "{opts.pipe_size}"',
             *opts.ringd_ring,
+            *self.ring,
             "",
         ]
         for name, port, backend in self.upstreams():
@@ -316,12 +335,12 @@ class Ringd(System):
         self.conf = os.path.join(d, "ringd.toml")
         with open(self.conf, "w") as f:
             f.write(self.conf_text(tmp, opts))
-        chk = subprocess.run([opts.ringd, "check", "-c", self.conf], capture_output=True,
+        chk = subprocess.run([self.executable(opts), "check", "-c", self.conf], capture_output=True,
                              text=True, timeout=30)
         if chk.returncode != 0:
             raise StartError(f"ringd check failed: {chk.stdout}{chk.stderr}")
         self.root = procs.start(self.key, ["taskset", "-c", opts.proxy_cpus,
-                                           opts.ringd, "start", "-c", self.conf])
+                                           self.executable(opts), "start", "-c", self.conf])
 
     def _ready(self, procs, tmp, opts):
         deadline = time.monotonic() + 20
@@ -330,7 +349,7 @@ class Ringd(System):
             if self.root.poll() is not None:
                 raise StartError(f"ringd exited {self.root.returncode}: "
                                  + procs.log_tail(self.key))
-            st = subprocess.run([opts.ringd, "status", "-c", self.conf, "--json"],
+            st = subprocess.run([self.executable(opts), "status", "-c", self.conf, "--json"],
                                 capture_output=True, text=True, timeout=10)
             last = st.stdout + st.stderr
             if st.returncode == 0:
@@ -348,7 +367,7 @@ class Ringd(System):
 
     def diag(self, opts) -> dict | None:
         try:
-            st = subprocess.run([opts.ringd, "status", "-c", self.conf, "--json"],
+            st = subprocess.run([self.executable(opts), "status", "-c", self.conf, "--json"],
                                 capture_output=True, text=True, timeout=10)
             doc = json.loads(st.stdout)
         except (subprocess.SubprocessError, OSError, json.JSONDecodeError, AttributeError):
@@ -450,6 +469,21 @@ stream {{
 
 def all_systems() -> list[System]:
     return [Direct(0), Ringd(1, sqpoll=True), Ringd(2, sqpoll=False), HAProxy(3), Nginx(4)]
+
+
+def ab_systems(a: dict, b: dict, modes: list[str]) -> list[System]:
+    """The A/B variants of ringd, A and B next to each other per ring mode.
+    a, b: {"exe": path, "ring": [lines], "name": "A"|"B"}; modes out of
+    nosqpoll, sqpoll. Ports 18251.. (indexes 5..8), apart from the others."""
+    out = []
+    for i, mode in enumerate(modes):
+        sq = mode == "sqpoll"
+        for j, side in enumerate((a, b)):
+            n = side["name"]
+            out.append(Ringd(5 + 2 * i + j, sqpoll=sq, key=f"ringd_{n.lower()}_{mode}",
+                             label=f"ringd {n} {'sqpoll' if sq else 'no-sqpoll'}",
+                             exe=side["exe"], ring=tuple(side["ring"])))
+    return out
 
 
 def have(tool: str) -> bool:
