@@ -33,6 +33,12 @@ SYSCALLS = [
     "io_uring_enter", "futex", "clock_nanosleep", "nanosleep", "getpid", "getrandom",
     "timerfd_settime", "madvise", "mmap", "munmap", "brk", "rt_sigprocmask",
     "sched_yield", "sendfile64",
+    # HAProxy reads its thread's CPU clock (CLOCK_THREAD_CPUTIME_ID is no
+    # vDSO call) and arms a timer; and whatever else a master does
+    "clock_gettime", "gettimeofday", "timer_settime", "rt_sigreturn", "epoll_pwait2",
+    "recvmmsg", "sendmmsg", "select", "pselect6", "tee", "vmsplice", "eventfd2",
+    "openat", "newfstatat", "statx", "fstat", "lseek", "pread64", "wait4", "kill",
+    "getrusage", "times", "prctl", "sched_getaffinity",
 ]
 
 # io_uring tracepoints (kernel 6.18 names; submit_sqe is the pre-5.19 name)
