@@ -397,3 +397,83 @@ def summarize(samples, proxy_pids: set[int], freq: int, top: int = 15,
         "top_self": [(s, d, pct(v, n_proxy)) for (s, d), v in self_syms.most_common(top)],
         "top_incl": [(s, pct(v, n_proxy)) for s, v in incl.most_common(top + 10)],
     }
+
+
+# --------------------------------------------------------------------------- self check
+
+# A known workload for the counters: N getppid() calls, then B batches of S
+# NOP SQEs, each batch submitted and reaped with one io_uring_enter.
+CHECK_C = r"""
+#define _GNU_SOURCE
+#include <liburing.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+int main(void)
+{
+	struct io_uring ring;
+	struct io_uring_cqe *cqe;
+	if (io_uring_queue_init(64, &ring, 0) < 0)
+		return 1;
+	for (int i = 0; i < GETPPIDS; i++)
+		syscall(SYS_getppid);
+	for (int b = 0; b < BATCHES; b++) {
+		for (int j = 0; j < PER_BATCH; j++)
+			io_uring_prep_nop(io_uring_get_sqe(&ring));
+		if (io_uring_submit_and_wait(&ring, PER_BATCH) != PER_BATCH)
+			return 2;
+		unsigned head, n = 0;
+		io_uring_for_each_cqe(&ring, head, cqe)
+			n++;
+		io_uring_cq_advance(&ring, n);
+	}
+	io_uring_queue_exit(&ring);
+	return 0;
+}
+"""
+CHECK_N = {"GETPPIDS": 100000, "BATCHES": 100, "PER_BATCH": 32}
+
+
+def self_check(tmp: str) -> dict:
+    """Run the known workload under perf stat and compare: the counts the
+    profile relies on must come out exact on this kernel. {"ok": bool,
+    "rows": [(what, expected, counted)]} or {"ok": None, "why": ...}."""
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return {"ok": None, "why": "no C compiler"}
+    src, exe = os.path.join(tmp, "perfcheck.c"), os.path.join(tmp, "perfcheck")
+    with open(src, "w") as f:
+        f.write(CHECK_C)
+    defs = [f"-D{k}={v}" for k, v in CHECK_N.items()]
+    p = subprocess.run([cc, "-O2", *defs, "-o", exe, src, "-luring"], capture_output=True,
+                       text=True, timeout=60)
+    if p.returncode != 0:
+        return {"ok": None, "why": f"compile failed (liburing-dev?): {p.stderr.strip()[:200]}"}
+    ev = {"getppid": "syscalls:sys_enter_getppid",
+          "enter": "syscalls:sys_enter_io_uring_enter",
+          "syscalls": "raw_syscalls:sys_enter"}
+    for k, names in (("sqe", IO_URING["sqe"]), ("cqe", IO_URING["cqe"])):
+        n = _first(names)
+        if n:
+            ev[k] = n
+    out = os.path.join(tmp, "perfcheck.csv")
+    p = subprocess.run(["perf", "stat", "-x,", "-o", out, "-e", ",".join(ev.values()), "--",
+                        exe], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        return {"ok": None, "why": f"perf stat failed: {p.stderr.strip()[:200]}"}
+    with open(out) as f:
+        got = parse_stat_csv(f.read(), ev)
+    n = CHECK_N
+    sqes = n["BATCHES"] * n["PER_BATCH"]
+    rows = [("getppid calls", n["GETPPIDS"], got.get("getppid")),
+            ("io_uring_enter calls", n["BATCHES"], got.get("enter")),
+            ("SQEs", sqes, got.get("sqe")),
+            ("CQEs", sqes, got.get("cqe"))]
+    ok = all(c is not None and int(c) == e for _, e, c in rows)
+    # every syscall: at least the known ones, plus the process's start-up
+    total = got.get("syscalls")
+    rows.append(("all syscalls (>= the two above)", n["GETPPIDS"] + n["BATCHES"], total))
+    ok = ok and total is not None and total >= n["GETPPIDS"] + n["BATCHES"]
+    return {"ok": ok, "rows": rows}

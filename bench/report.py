@@ -513,19 +513,21 @@ def idle_section(details, labels, meta):
     L += ["", f"(median of {meta['reps']} repetition(s))", ""]
     counted = [d for d in recs if d.get("counts_per_s")]
     if counted:
-        L += ["Counted in the same window (profile mode, perf stat on every process of the "
-              "proxy, master included), per second:", "",
-              "| system | when | syscalls/s | io_uring_enter/s | SQEs/s | CQEs/s | "
-              "context switches/s | top syscalls/s |", "|---|---|---|---|---|---|---|---|"]
+        L += ["Counted in the same window (profile mode: perf stat on the worker processes, "
+              "all their threads, and on the master apart), per second, all workers "
+              "together:", "",
+              "| system | when | processes | syscalls/s | io_uring_enter/s | SQEs/s | CQEs/s | "
+              "context switches/s | top syscalls/s |", "|---|---|---|---|---|---|---|---|---|"]
         for d in counted:
-            c = d["counts_per_s"]
-            sc = sorted(((k[4:], v) for k, v in c.items() if k.startswith("sys_") and v),
-                        key=lambda kv: -kv[1])[:4]
-            L.append(f"| {labels.get(d['system'], d['system'])} | "
-                     f"{'fresh' if d['scenario'] == 'idlecpu' else 'after'} | "
-                     f"{c.get('syscalls', 0):.1f} | {c.get('sys_io_uring_enter', 0):.1f} | "
-                     f"{c.get('sqe', 0):.1f} | {c.get('cqe', 0):.1f} | {c.get('cs', 0):.1f} | "
-                     + ", ".join(f"{k} {v:.1f}" for k, v in sc) + " |")
+            for g, c in d["counts_per_s"].items():
+                sc = sorted(((k[4:], v) for k, v in c.items() if k.startswith("sys_") and v),
+                            key=lambda kv: -kv[1])[:4]
+                L.append(f"| {labels.get(d['system'], d['system'])} | "
+                         f"{'fresh' if d['scenario'] == 'idlecpu' else 'after'} | {g} | "
+                         f"{c.get('syscalls', 0):.1f} | {c.get('sys_io_uring_enter', 0):.1f} | "
+                         f"{c.get('sqe', 0):.1f} | {c.get('cqe', 0):.1f} | "
+                         f"{c.get('cs', 0):.1f} | "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in sc) + " |")
         L.append("")
     return L
 
@@ -551,6 +553,8 @@ PROFILE_ROWS = [
     ("p_taskadd", "task work queued (io_uring_task_add)", 2),
     ("p_localrun", "deferred task work runs (io_uring_local_work_run)", 2),
     ("p_cs", "proxy context switches", 3),
+    ("p_vcs", "of which voluntary (/proc status)", 3),
+    ("p_ics", "of which involuntary, i.e. preempted (/proc status)", 3),
     ("p_load_sys", "load side: syscalls of client + backends", 2),
     ("p_load_cs", "load side: context switches of client + backends", 3),
     ("p_tcp_pct", "TCP/IP + socket layer share of the proxy's CPU (perf record, %)", 1),
@@ -601,6 +605,17 @@ def profile_section(meta, data, details, labels):
          "processes. Units: per MB (10^6 bytes received by the client) for bulk, per "
          "request for keepalive, per connection for close. Median over "
          f"{meta['reps']} repetition(s).", ""]
+    chk = meta.get("perf_check")
+    if chk:
+        if chk.get("ok") is None:
+            L += [f"Counter check not run: {chk.get('why')}.", ""]
+        else:
+            L += ["Counter check (a C program with known counts, run under the same perf "
+                  "events before the benchmark): "
+                  + "; ".join(f"{w}: expected {e:,}, counted {_num(c, 0)}"
+                              for w, e, c in chk["rows"])
+                  + (" — **exact**." if chk["ok"] else " — **MISMATCH: do not trust the "
+                     "counts below.**"), ""]
     if sc_ns:
         L += [f"\"bare syscall cost\" = syscalls per unit x {sc_ns:.0f} ns (this host's "
               "getppid round trip) as a share of the proxy's CPU per unit: what the entry "
@@ -727,7 +742,7 @@ def _floor(key):
     if key.startswith("idlecpu") and not key.endswith("wakeups"):
         return 0.001 if not key.endswith(("syscalls", "enters")) else 1.0
     if key.endswith(("_p_async", "_p_pollarm", "_p_taskadd", "_p_localrun", "_p_cs",
-                     "_p_load_cs")):
+                     "_p_vcs", "_p_ics", "_p_load_cs")):
         return 0.01
     return None
 
@@ -785,3 +800,26 @@ def ab_section(meta, by_rep, labels):
                      f"{verdict} |")
         L.append("")
     return L
+
+
+def main(argv=None) -> int:
+    """Re-render a report from its JSON: python bench/report.py FILE.json
+    (writes FILE.md next to it; the figures are the JSON's, unchanged)."""
+    import json
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].endswith(".json"):
+        print("usage: python bench/report.py RESULTS.json", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        raw = json.load(f)
+    md = markdown(raw["meta"], raw["data"], raw["details"], raw.get("by_rep"))
+    out = args[0][:-5] + ".md"
+    with open(out, "w") as f:
+        f.write(md)
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

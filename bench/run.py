@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -424,12 +425,14 @@ class Runner:
             for c in counters:
                 c.enable()
             before = self.cpu_before(system)
+            tasks0 = procstat.task_snapshot(system.pids()) if system.proxy else None
             try:
                 res, units = self.run_load(system, scen, wrap=wrap)
             finally:
                 for c in counters:
                     c.disable()
             cpu = self.cpu_after(system, before)
+            tasks1 = procstat.task_snapshot(system.pids()) if system.proxy else None
             prox = pc.result() if pc else {}
             back = bc.result()
             with open(client_out) as f:
@@ -461,6 +464,12 @@ class Runner:
                 if k in prox:
                     self.put(system, f"{scen}_p_{k}", per(prox[k]))
             self.put(system, f"{scen}_p_enter", per(prox.get("sys_io_uring_enter")))
+            # the same switches split by kind, from each thread's status
+            # (threads alive at both readings)
+            d = procstat.task_delta(tasks0, tasks1, 1.0, None)
+            procs_ = list(d["workers"].values())
+            self.put(system, f"{scen}_p_vcs", sum(w["vol_per_s"] for w in procs_) / units)
+            self.put(system, f"{scen}_p_ics", sum(w["invol_per_s"] for w in procs_) / units)
             known = sum(v or 0 for k, v in prox.items() if k.startswith("sys_"))
             rec["syscalls_per_unit"] = {k[4:]: v / units for k, v in prox.items()
                                         if k.startswith("sys_") and v}
@@ -514,24 +523,32 @@ class Runner:
         pids = system.pids()
         master = system.root.pid if len(pids) > 1 else None
         time.sleep(0.5 if when == "fresh" else 1.0)
-        pc = None
+        # profile mode: the same window counted, the workers and the master
+        # apart (the per-worker figure must not carry the master's calls)
+        counters = {}
         if o.profile:
-            pc = perfprof.Counter(self.procs, self.tmp, f"perf-idle-{system.key}-{when}-{rep}",
-                                  perfprof.proxy_events(), pids=pids)
-            pc.enable()
+            groups = {"workers": [p for p in pids if p != master]}
+            if master is not None:
+                groups["master"] = [master]
+            for g, gp in groups.items():
+                counters[g] = perfprof.Counter(
+                    self.procs, self.tmp, f"perf-idle-{g}-{system.key}-{when}-{rep}",
+                    perfprof.proxy_events(), pids=gp)
+        counts = {}
         try:
+            for c in counters.values():
+                c.enable()
             before = procstat.task_snapshot(pids)
             t0 = time.monotonic()
             time.sleep(o.idle_seconds)
             after = procstat.task_snapshot(pids)
             secs = time.monotonic() - t0
-            counts = None
-            if pc:
-                pc.disable()
-                counts = pc.result()
+            for c in counters.values():
+                c.disable()
+            counts = {g: c.result() for g, c in counters.items()}
         finally:
-            if pc:
-                pc.finish()
+            for c in counters.values():
+                c.finish()
         d = procstat.task_delta(before, after, secs, master)
         n = o.workers
         wk = d["workers"].values()
@@ -545,10 +562,11 @@ class Runner:
                  sum(w["vol_per_s"] + w["invol_per_s"] for w in wk) / n)
         rec = {"system": system.key, "rep": rep, "scenario": tag, "idle": d}
         if counts:
-            rec["counts_per_s"] = {k: (v or 0) / secs for k, v in counts.items()}
-            self.put(system, f"{tag}_syscalls", (counts.get("syscalls") or 0) / secs / n)
-            self.put(system, f"{tag}_enters",
-                     (counts.get("sys_io_uring_enter") or 0) / secs / n)
+            rec["counts_per_s"] = {g: {k: (v or 0) / secs for k, v in c.items()}
+                                   for g, c in counts.items()}
+            w = counts["workers"]
+            self.put(system, f"{tag}_syscalls", (w.get("syscalls") or 0) / secs / n)
+            self.put(system, f"{tag}_enters", (w.get("sys_io_uring_enter") or 0) / secs / n)
         self.details.append(rec)
         sqp = sum(w["by_class"]["iou-sqp"] for w in wk) / n
         return (f"{per_worker:.4f} CPU-s/s per worker (iou-sqp {sqp:.4f}), "
@@ -717,9 +735,9 @@ def main(argv=None) -> int:
     make = None
     if os.environ.get("MAKELEVEL"):          # started by `make bench` / `make bench-profile`
         target = os.environ.get("BENCH_MAKE_TARGET", "bench")
-        args = " ".join(a for a in sys.argv[1:] if not (target == "bench-profile"
-                                                         and a == "--profile"))
-        make = f"make {target}" + (f" BENCH_ARGS='{args}'" if args else "")
+        args = shlex.join(a for a in sys.argv[1:] if not (target == "bench-profile"
+                                                           and a == "--profile"))
+        make = f"make {target}" + (f" BENCH_ARGS={shlex.quote(args)}" if args else "")
     if os.geteuid() != 0:
         print("run as root (ringd's 1 MiB pipes, SQPOLL, nofile)", file=sys.stderr)
         return 2
@@ -765,6 +783,12 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="ringd-bench-")
     os.chmod(tmp, 0o755)        # nginx workers run as nobody and read www/ from here
+    perf_check = None
+    if opts.profile:
+        # the counters the profile relies on, on a workload of known counts
+        perf_check = perfprof.self_check(tmp)
+        print(f"perf counter check: {'exact' if perf_check.get('ok') else perf_check}",
+              flush=True)
     procs = Procs(tmp)
     backends = Backends(procs, tmp, opts.load_cpus)
     runner = Runner(opts, procs, backends)
@@ -832,6 +856,7 @@ def main(argv=None) -> int:
         "idle_seconds": opts.idle_seconds,
         "profile": opts.profile,
         "perf_freq": opts.perf_freq,
+        "perf_check": perf_check,
         "scenarios": opts.scenarios,
         "ab": ({"sides": opts.ab_sides, "modes": opts.ab_modes} if opts.ab else None),
     }
