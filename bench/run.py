@@ -233,6 +233,12 @@ def machine_info() -> dict:
             return "?"
 
     commit = out(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    # the commit that last changed what runs (a bench-only commit on top
+    # leaves ringd itself as it was)
+    code = out(["git", "-C", REPO, "log", "-1", "--format=%h", "--", "native",
+                "supervisor", "worker", "pyproject.toml", "setup.py"])
+    if code not in ("?", commit):
+        commit += f" (ringd's code as of {code})"
     dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "native",
                             "supervisor", "worker"], capture_output=True, text=True).stdout
     return {
@@ -729,14 +735,17 @@ def check_tools(opts) -> list[str]:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    # the note is printed under the title; the command shows where it went
+    argv_shown = ["(the note above)" if i and sys.argv[i - 1] == "--note" else a
+                  for i, a in enumerate(sys.argv)][1:]
     command = " ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
                         else sys.executable, os.path.relpath(os.path.abspath(__file__), REPO)]
-                       + sys.argv[1:])
+                       + argv_shown)
     make = None
     if os.environ.get("MAKELEVEL"):          # started by `make bench` / `make bench-profile`
         target = os.environ.get("BENCH_MAKE_TARGET", "bench")
-        args = shlex.join(a for a in sys.argv[1:] if not (target == "bench-profile"
-                                                           and a == "--profile"))
+        args = shlex.join(a for a in argv_shown if not (target == "bench-profile"
+                                                         and a == "--profile"))
         make = f"make {target}" + (f" BENCH_ARGS={shlex.quote(args)}" if args else "")
     if os.geteuid() != 0:
         print("run as root (ringd's 1 MiB pipes, SQPOLL, nofile)", file=sys.stderr)
