@@ -761,8 +761,11 @@ def ab_section(meta, by_rep, labels):
           "Per row: medians of A and B, then B/A computed in each repetition (A and B ran "
           "back to back, in alternating order) with its median and min–max. Verdict: "
           "\"B better\" / \"B worse\" only when every repetition's ratio is on the same side "
-          "of 1.0 in that direction; otherwise \"overlap\" (the difference is within the "
-          "run-to-run noise). One repetition decides nothing; use --reps 5 or more.", ""]
+          "of 1.0 in that direction; \"same\" when every ratio is within 0.5 % of 1.0; "
+          "otherwise \"overlap\" (the difference is within the run-to-run noise). A ratio "
+          "needs both sides measured in the same repetition; \"(1 run)\" marks a row where "
+          "only one repetition had both. One repetition decides nothing; use --reps 5 or "
+          "more.", ""]
     spec = _all_specs()
     for mode in ab["modes"]:
         ka, kb = f"ringd_a_{mode}", f"ringd_b_{mode}"
@@ -788,6 +791,8 @@ def ab_section(meta, by_rep, labels):
                     cell += f" [{min(ratios):.3f}–{max(ratios):.3f}]"
                 if better == "info":
                     verdict = "–"
+                elif all(abs(r - 1) < 0.005 for r in ratios):
+                    verdict = "same"
                 elif all(r < 1 for r in ratios):
                     verdict = "**B better**" if better == "lower" else "**B worse**"
                 elif all(r > 1 for r in ratios):
