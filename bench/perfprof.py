@@ -326,7 +326,7 @@ CATEGORIES = [
 def category(frames: list[tuple[str, str]]) -> str:
     if not frames:
         return "other kernel"
-    leaf_sym, leaf_dso = frames[0]
+    leaf_dso = frames[0][1]
     if not _is_kernel(leaf_dso):
         return "user space"
     for sym, dso in frames:
@@ -349,7 +349,7 @@ def summarize(samples, proxy_pids: set[int], freq: int, top: int = 15,
     incl = collections.Counter()
     threads = collections.Counter()
     n_proxy = 0
-    for comm, pid, tid, frames in samples:
+    for comm, pid, _tid, frames in samples:
         if pid in proxy_pids:
             owner = "proxy"
         elif pid == 0:

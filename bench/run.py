@@ -414,7 +414,6 @@ class Runner:
         """The load again, counted: perf stat on the proxy's processes (every
         thread, io_uring's included), on the backends' processes, and around
         the load generator itself. Per unit of work of this pass's load."""
-        o = self.opts
         tag = f"{system.key}-{scen}-{rep}"
         pev, lev = perfprof.proxy_events(), perfprof.load_events()
         counters = []
