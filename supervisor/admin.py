@@ -119,7 +119,7 @@ class Admin:
     # http
     def healthy(self) -> bool:
         gen = self.master.active
-        if gen is None or self.master.stopping:
+        if gen is None or self.master.stopping or not self.master.lameduck.healthy():
             return False
         return all(w is not None and w.state == "ready" for w in gen.workers)
 
@@ -170,7 +170,8 @@ class Admin:
                 await self._send(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
             elif target == "/healthz":
                 ok = self.healthy()
-                await self._send(writer, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n",
+                why = b"draining\n" if self.master.lameduck.state != "serving" else b"unhealthy\n"
+                await self._send(writer, 200 if ok else 503, b"ok\n" if ok else why,
                                  head_only=method == "HEAD")
             elif target == "/status":
                 body = json.dumps(self.master.status(), indent=2).encode() + b"\n"

@@ -1,4 +1,4 @@
-"""The `ringd` command: start, check, reload, stop, status."""
+"""The `ringd` command: start, check, reload, stop, drain, ready, status, server."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
                     help='e.g. app/10.0.0.11:8080 (the server as written in the file)')
     sp.add_argument("action", choices=["drain", "maint", "ready", "weight"])
     sp.add_argument("weight", nargs="?", type=int, help="for weight: 0..256")
+    sp = sub.add_parser("drain", help="lame duck: /healthz 503 now, keep accepting for --after, "
+                                      "then stop accepting, drain and exit")
+    common(sp)
+    sp.add_argument("--after", metavar="DURATION",
+                    help='keep accepting this long, e.g. "10s" (default ringd.drain_after); '
+                         'a second drain with a shorter --after brings the stop forward')
+    sp.add_argument("--no-wait", action="store_true",
+                    help="return at once instead of waiting for ringd to exit")
+    sp = sub.add_parser("ready", help="cancel a drain that still accepts: /healthz 200 again")
+    common(sp)
     sp = sub.add_parser("status", help="show the master, workers and servers")
     common(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -247,6 +257,57 @@ def cmd_stop(args) -> int:
     return 1
 
 
+def cmd_drain(args) -> int:
+    payload = {"cmd": "drain"}
+    if args.after is not None:
+        from .config import _parse_duration
+        after = _parse_duration(args.after)
+        if after is None:
+            _err(f'--after: expected a duration such as "10s" or "500ms", got "{args.after}"')
+            return 2
+        payload["after"] = after
+    reply = _ask(args, payload)
+    if reply is None:
+        return 1
+    print(reply.get("message", "draining"), flush=True)
+    if args.no_wait:
+        return 0
+    # Wait for the master to exit, as `ringd stop` does: systemd's ExecStop
+    # must not return before the drain is over (it sends KillSignal after).
+    from . import pidfile
+    from .control import ControlClientError, request
+    pid = reply["pid"]
+    sock, _, _ = _locate(args)
+    left = reply["lameduck"].get("accept_stops_in") or 0.0
+    limit = left + float(reply.get("drain_timeout", 30.0)) + 15.0
+    start = time.monotonic()
+    next_ping = start
+    while time.monotonic() - start < limit:
+        if not pidfile.alive(pid):
+            print(f"ringd (pid {pid}) drained and stopped after {time.monotonic() - start:.1f}s")
+            return 0
+        if time.monotonic() >= next_ping:
+            next_ping = time.monotonic() + 0.5
+            try:
+                state = request(sock, {"cmd": "ping"}, timeout=2).get("lameduck")
+            except ControlClientError:
+                state = None     # stopping: the socket goes away before the pid does
+            if state == "serving":
+                _err("drain cancelled (ringd ready): ringd goes on serving")
+                return 1
+        time.sleep(0.05)
+    _err(f"ringd (pid {pid}) still running after {limit:.0f}s")
+    return 1
+
+
+def cmd_ready(args) -> int:
+    reply = _ask(args, {"cmd": "ready"})
+    if reply is None:
+        return 1
+    print(reply.get("message", "serving"))
+    return 0
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     cols = [header] + [[("-" if v is None else str(v)) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
@@ -287,6 +348,12 @@ def cmd_status(args) -> int:
     print(f"master pid {st['pid']}  generation {st['generation']}  config {st['config']}")
     print(f"uptime {st['uptime']:.0f}s  reloads ok {st['reloads_ok']} rejected "
           f"{st['reloads_rejected']}  worker restarts {st['worker_restarts']}")
+    ld = st.get("lameduck") or {}
+    if ld.get("state") == "draining":
+        print(f"host draining (lame duck): /healthz 503, accepting stops in "
+              f"{ld['accept_stops_in']:.1f}s (ringd ready cancels)")
+    elif ld.get("state") == "stopping":
+        print("host stopping: accepting stopped, connections draining")
     print()
     rows = [[w["slot"], w["pid"], w["cpu"], w["generation"], w["state"], w["ring"], w["active"],
              w["accepted"], _bytes(w["bytes_c2s"]), _bytes(w["bytes_s2c"])]
@@ -320,7 +387,7 @@ def cmd_server(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbs = {"start": cmd_start, "check": cmd_check, "reload": cmd_reload, "stop": cmd_stop,
-             "status": cmd_status, "server": cmd_server}
+             "status": cmd_status, "server": cmd_server, "drain": cmd_drain, "ready": cmd_ready}
     try:
         return verbs[args.verb](args)
     except CliError as e:

@@ -179,6 +179,7 @@ class RingdSettings:
     log_level: str = "info"
     log_file: str | None = None
     drain_timeout: float = 30.0
+    drain_after: float = 10.0  # `ringd drain`: keep accepting this long after /healthz turns 503
     user: str | None = None
     group: str | None = None
     max_draining_generations: int = 4
@@ -238,8 +239,8 @@ class Config:
 TOP_KEYS = ("ringd", "ring", "admin", "listener", "upstream")
 RINGD_KEYS = (
     "workers", "pidfile", "control_socket", "log_format", "log_level", "log_file",
-    "drain_timeout", "user", "group", "max_draining_generations", "watchdog_timeout",
-    "respawn_delay", "respawn_delay_max",
+    "drain_timeout", "drain_after", "user", "group", "max_draining_generations",
+    "watchdog_timeout", "respawn_delay", "respawn_delay_max",
 )
 RING_KEYS = (
     "sqpoll", "sq_thread_idle", "entries", "pipe_size", "pipe_pool",
@@ -979,6 +980,7 @@ class _Checker:
         self.take(table, path, "log_level", _choice(LOG_LEVELS), found)
         self.take(table, path, "log_file", _file_path, found)
         self.take(table, path, "drain_timeout", _duration(allow_zero=False), found)
+        self.take(table, path, "drain_after", _duration(allow_zero=True), found)
         self.take(table, path, "user", _user, found)
         self.take(table, path, "group", _group, found)
         self.take(table, path, "max_draining_generations", _integer(1, 64), found)

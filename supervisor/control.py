@@ -1,7 +1,7 @@
 """The runtime control socket (a unix socket, mode 0660).
 
 One JSON request per connection, one JSON reply: {"cmd": "reload"} ->
-{"ok": false, "error": "..."}. The CLI (`ringd reload|stop|status|server`)
+{"ok": false, "error": "..."}. The CLI (`ringd reload|stop|status|server|drain|ready`)
 talks to the master through it, so a rejected reload is reported to whoever
 asked for it. Reads are bounded in size and time: a stuck or hostile client
 cannot stall the master loop.
@@ -29,6 +29,8 @@ class ControlServer:
             "status": self._status,
             "ping": self._ping,
             "server": self._server,
+            "drain": self._drain,
+            "ready": self._ready,
         }
 
     async def start(self) -> None:
@@ -129,7 +131,24 @@ class ControlServer:
         return {"ok": True, "server": rec.snapshot()}
 
     async def _ping(self, req) -> dict:
-        return {"ok": True, "pid": os.getpid()}
+        return {"ok": True, "pid": os.getpid(), "lameduck": self.master.lameduck.state}
+
+    async def _drain(self, req) -> dict:
+        """{"cmd": "drain", "after": SECONDS}: lame duck (/healthz 503) now, stop
+        accepting after SECONDS (default ringd.drain_after), then a graceful stop."""
+        after = req.get("after")
+        if after is None:
+            after = self.master.config.ringd.drain_after
+        ok, msg = self.master.lameduck.drain(after)
+        return {"ok": ok, "message" if ok else "error": msg, "pid": os.getpid(),
+                "drain_timeout": self.master.config.ringd.drain_timeout,
+                "lameduck": self.master.lameduck.snapshot()}
+
+    async def _ready(self, req) -> dict:
+        """{"cmd": "ready"}: cancel a lame-duck drain that still accepts."""
+        ok, msg = self.master.lameduck.ready()
+        return {"ok": ok, "message" if ok else "error": msg,
+                "lameduck": self.master.lameduck.snapshot()}
 
 
 async def close_server(server: asyncio.AbstractServer, timeout: float = 1.0) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from . import config as config_mod
 from . import log, notify, pidfile
 from .config import Config, ConfigError
+from .lameduck import DRAINING, LameDuck
 from .listeners import BindError, ListenerSockets, bind_hint, keys_of, raise_nofile
 from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
                      lib, plan_cpus, server_table, sqpoll_wanted)
@@ -125,6 +126,12 @@ class Master:
         self.adopt_quiet = ADOPT_QUIET
         if test_hooks and os.environ.get("RINGD_TEST_ADOPT_QUIET"):
             self.adopt_quiet = float(os.environ["RINGD_TEST_ADOPT_QUIET"])
+        # `ringd drain` / `ringd ready`: /healthz 503 while still accepting,
+        # then a graceful stop (see lameduck.py)
+        self.lameduck = LameDuck(
+            stop=lambda: self._on_signal("graceful_stop"),
+            is_stopping=lambda: self.stopping or bool(self.stop_event and self.stop_event.is_set()),
+            log=self.log)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -209,6 +216,7 @@ class Master:
             await self._command_loop()
         finally:
             watchdog.cancel()
+            self.lameduck.close()
             for extra in self.extras:
                 await extra.stop()
             await self.control.stop()
@@ -858,6 +866,8 @@ class Master:
         text = f"generation {gen.number}: {live}/{len(gen.workers)} workers"
         if draining:
             text += f", draining generations {draining}"
+        if self.lameduck.state == DRAINING:
+            text += ", lame duck (/healthz 503, still accepting)"
         return text
 
     def status(self) -> dict:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from . import __version__
+from .lameduck import STATES as LAMEDUCK_STATES
 from .native import END_REASONS, SERVER_STATES, probe
 
 # per (listener, worker slot) counters, by struct field
@@ -214,6 +215,13 @@ class RingdCollector:
         c.add_metric(["ok"], m.reloads_ok)
         c.add_metric(["rejected"], m.reloads_rejected)
         yield c
+        g = GaugeMetricFamily("ringd_host_state", "1 for the lame-duck state of this host: serving, "
+                              "draining (ringd drain: /healthz 503, still accepting) or stopping",
+                              labels=["state"])
+        current = m.lameduck.state
+        for st in LAMEDUCK_STATES:
+            g.add_metric([st], 1 if st == current else 0)
+        yield g
         c = CounterMetricFamily("ringd_worker_restarts", "Workers respawned after an unexpected exit")
         c.add_metric([], m.worker_restarts)
         yield c

@@ -81,6 +81,7 @@ def collect(master) -> dict:
         "reloads_ok": master.reloads_ok,
         "reloads_rejected": master.reloads_rejected,
         "worker_restarts": master.worker_restarts,
+        "lameduck": master.lameduck.snapshot(),
         "generations": gens,
         "workers": workers,
         "servers": servers,
