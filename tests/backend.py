@@ -18,6 +18,8 @@ Modes (each listens on 127.0.0.1:PORT):
   wrong   line based: "PING" -> "-ERR loading\r\n", any other line ->
           "ID <port>\n" (serves clients but fails a send/expect check)
   silent  accept, read and discard, never answer (a check times out)
+  peer    send "PEER <client address>\n" at once, then echo (which proxy host
+          a connection came through, in the namespace cluster test)
 Prints "READY" on stdout once every port listens.
 """
 from __future__ import annotations
@@ -91,6 +93,12 @@ async def _duplex(reader, writer, port):
 
 async def _id(reader, writer, port):
     writer.write(f"ID {port}\n".encode())
+    await writer.drain()
+    await _echo(reader, writer, port)
+
+
+async def _peer(reader, writer, port):
+    writer.write(f"PEER {writer.get_extra_info('peername')[0]}\n".encode())
     await writer.drain()
     await _echo(reader, writer, port)
 
@@ -224,7 +232,8 @@ async def _silent(reader, writer, port):
 
 
 MODES = {"echo": _echo, "duplex": _duplex, "id": _id, "reset": _reset, "proxy": _proxy,
-         "proxy_raw": _proxy_raw, "pong": _pong, "wrong": _wrong, "silent": _silent}
+         "proxy_raw": _proxy_raw, "pong": _pong, "wrong": _wrong, "silent": _silent,
+         "peer": _peer}
 
 
 async def main(mode: str, ports: list[int], host: str) -> None:
