@@ -1,6 +1,8 @@
 # ringd: developer entry points. Every target installs what it is missing.
 #   make run    ringd in the foreground on conf/demo.toml, with a demo backend
 #   make test   the whole test suite
+#   make cluster-test  two ringd hosts behind a BGP/ECMP router in network
+#               namespaces (root; installs bird2, exabgp, nftables)
 #   make bench  the side-by-side benchmark (not part of make test)
 #   make bench-profile  where the proxies' CPU goes per request (perf)
 #   make deb    the Debian package
@@ -13,7 +15,7 @@ APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
 SOURCES := $(wildcard supervisor/*.py worker/*.py native/*.c native/*.h native/*.py) \
            pyproject.toml setup.py
 
-.PHONY: run test deps venv bench bench-profile bench-deps deb deb-test clean
+.PHONY: run test cluster-test cluster-deps deps venv bench bench-profile bench-deps deb deb-test clean
 
 # Debian packages, installed only when missing (needs root, as on CI).
 deps:
@@ -51,6 +53,25 @@ run: venv
 
 test: venv
 	$(VPY) -m pytest -q tests
+
+# The namespace cluster test (tests/netns_cluster.py, about 70 s, as root).
+# bird2 and exabgp are only run inside the test's own namespaces: a bird
+# service that the install starts under systemd is stopped and disabled again.
+CLUSTER_PKGS := bird2 exabgp nftables curl iproute2
+cluster-deps:
+	@missing=""; for p in $(CLUSTER_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing && \
+	  case "$$missing" in *bird2*) if [ -d /run/systemd/system ]; then \
+	    systemctl disable --now bird.service >/dev/null 2>&1 || true; fi;; esac; \
+	fi
+
+cluster-test: cluster-deps venv
+	RINGD_CLUSTER_TEST=1 $(VPY) -m pytest -q -s tests/test_cluster.py
 
 # Side-by-side benchmark (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 # bench-profile: where the work goes per request (perf counts and samples);

@@ -129,10 +129,20 @@ def remove_stale() -> list[str]:
     gone = []
     for name in netns_list():
         m = PREFIX_RE.match(name)
-        if m and not Path(f"/proc/{m.group(1)}").exists():
+        if m and not _running_here(int(m.group(1))):
             kill_netns(name)
             gone.append(name)
     return gone
+
+
+def _running_here(pid: int) -> bool:
+    """Is `pid` a live (not zombie) run of this script?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and b"netns_cluster" in cmd
 
 
 def cleanup_prefix(prefix: str) -> None:
