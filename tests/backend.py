@@ -18,8 +18,9 @@ Modes (each listens on 127.0.0.1:PORT):
   wrong   line based: "PING" -> "-ERR loading\r\n", any other line ->
           "ID <port>\n" (serves clients but fails a send/expect check)
   silent  accept, read and discard, never answer (a check times out)
-  peer    send "PEER <client address>\n" at once, then echo (which proxy host
-          a connection came through, in the namespace cluster test)
+  peer    send "PEER <client address> <port>\n" at once, then echo (which proxy
+          host a connection came through, and to which backend port, in the
+          namespace cluster test)
 Prints "READY" on stdout once every port listens.
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ async def _id(reader, writer, port):
 
 
 async def _peer(reader, writer, port):
-    writer.write(f"PEER {writer.get_extra_info('peername')[0]}\n".encode())
+    writer.write(f"PEER {writer.get_extra_info('peername')[0]} {port}\n".encode())
     await writer.drain()
     await _echo(reader, writer, port)
 

@@ -15,6 +15,9 @@ It talks JSON lines on stdin/stdout, one reply per request:
   {"op": "long_check", "tag": "A"}   per connection: peer, exchanges, error so far
   {"op": "long_close", "tag": "A"}   half-close each, expect the echo's EOF,
                                      report as long_check does
+  {"op": "probe", "sources": ["192.0.2.10", ...], "per_source": 6}
+        short connections from each source address: [source, proxy host,
+        backend port, error] each (the `hash` balancing check)
   {"op": "quit"}
 
 Times are time.monotonic(), the same clock as the orchestrator's (one kernel,
@@ -43,11 +46,13 @@ def _read_line(s: socket.socket) -> bytes:
     return buf
 
 
-def _peer_line(s: socket.socket) -> str:
+def _peer_line(s: socket.socket) -> tuple[str, int]:
+    """(proxy host address, backend port) from the backend's first line."""
     line = _read_line(s)
-    if not line.startswith(b"PEER ") or not line.endswith(b"\n"):
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != b"PEER" or not line.endswith(b"\n"):
         raise ConnectionError(f"no PEER line from the backend: {line!r}")
-    return line[5:-1].decode()
+    return parts[1].decode(), int(parts[2])
 
 
 def _exchange(s: socket.socket, data: bytes) -> None:
@@ -93,7 +98,7 @@ class Loop:
         try:
             s.connect((self.vip, self.port))
             s.settimeout(IO_TIMEOUT)
-            peer = _peer_line(s)
+            peer = _peer_line(s)[0]
             _exchange(s, b"loop %d %d\n" % (i, n))
             s.shutdown(socket.SHUT_WR)
             if s.recv(1) != b"":
@@ -140,7 +145,7 @@ class LongFlow:
         self.sock.settimeout(CONNECT_TIMEOUT)
         self.sock.connect((vip, port))
         self.sock.settimeout(IO_TIMEOUT)
-        self.peer = _peer_line(self.sock)
+        self.peer = _peer_line(self.sock)[0]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -173,6 +178,26 @@ class LongFlow:
                 "error_at": self.error_at, "closed_ok": self.closed_ok}
 
 
+def probe(vip: str, port: int, sources: list[str], per_source: int) -> list[list]:
+    out = []
+    for _ in range(per_source):
+        for src in sources:
+            s = socket.socket()
+            s.settimeout(CONNECT_TIMEOUT)
+            try:
+                s.bind((src, 0))
+                s.connect((vip, port))
+                s.settimeout(IO_TIMEOUT)
+                host, backend = _peer_line(s)
+                _exchange(s, b"probe\n")
+                out.append([src, host, backend, ""])
+            except (OSError, ConnectionError) as e:
+                out.append([src, None, None, _describe(e)])
+            finally:
+                s.close()
+    return out
+
+
 def main(vip: str, port: int) -> None:
     loop = Loop(vip, port)
     longs: dict[str, list[LongFlow]] = {}
@@ -187,6 +212,8 @@ def main(vip: str, port: int) -> None:
                 reply["records"] = loop.take()
             elif op == "loop_stop":
                 reply["records"] = loop.halt()
+            elif op == "probe":
+                reply["records"] = probe(vip, port, req["sources"], req.get("per_source", 6))
             elif op == "long_open":
                 flows = longs.setdefault(req["tag"], [])
                 for i in range(req["n"]):

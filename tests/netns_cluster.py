@@ -64,7 +64,8 @@ CLIENT = ("192.0.2.2", "192.0.2.1")          # client, router side
 LAN_ROUTER = "198.51.100.1"                  # router on the proxy hosts' segment
 HOST_ADDRS = ("198.51.100.2", "198.51.100.3")
 BACKEND = ("203.0.113.130", "203.0.113.129")  # backend, router side
-BACKEND_PORT = 8080
+BACKEND_PORTS = (8080, 8081)                  # one upstream, balance = "hash"
+HASH_SOURCES = [f"192.0.2.{i}" for i in range(10, 18)]
 BIRD_TABLE = 100                              # bird exports the multipath route here
 RES_GROUP, MPATH_GROUP = 100, 200             # nexthop group ids
 TWIN = 10                                     # host i: nexthop ids i+1 and i+1+TWIN
@@ -83,6 +84,14 @@ class ClusterError(Exception):
 
 def now() -> float:
     return time.monotonic()
+
+
+def say(text: str) -> None:
+    """Print; a reader that went away (| head) must not abort the run."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 15, input: str | None = None) -> str:
@@ -368,8 +377,11 @@ name = "vip"
 listen = "{vip}:{port}"
 upstream = "app"
 
+# the same on every host: a client address maps to the same server whichever
+# host ECMP sends it to
 [upstream.app]
-servers = ["{backend}:{bport}"]
+balance = "hash"
+servers = ["{backend}:{bports[0]}", "{backend}:{bports[1]}"]
 """
 
 
@@ -381,7 +393,7 @@ class Host:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "ringd.toml"
         self.conf.write_text(RINGD_CONF.format(dir=self.dir, vip=VIP, port=VIP_PORT,
-                                               backend=BACKEND[0], bport=BACKEND_PORT))
+                                               backend=BACKEND[0], bports=BACKEND_PORTS))
         self.disable_file = self.dir / "exabgp.disabled"
         self.ringd: Proc | None = None
         self.exabgp: Proc | None = None
@@ -495,6 +507,8 @@ class Lab:
         self.ip("rtr", "addr", "add", f"{LAN_ROUTER}/24", "dev", "br0")
         self.ip("rtr", "addr", "add", f"{BACKEND[1]}/30", "dev", "b0")
         self.ip("cli", "addr", "add", f"{CLIENT[0]}/24", "dev", "r0")
+        for src in HASH_SOURCES:
+            self.ip("cli", "addr", "add", f"{src}/24", "dev", "r0")
         self.ip("cli", "route", "add", "default", "via", CLIENT[1])
         self.ip("be", "addr", "add", f"{BACKEND[0]}/30", "dev", "r0")
         self.ip("be", "route", "add", "default", "via", BACKEND[1])
@@ -575,7 +589,8 @@ template bgp proxyhost {{
         (d / "bird.conf").write_text(self.bird_conf())
         self.procs.append(Proc("backend", self.ns["be"],
                                [sys.executable, str(HERE / "backend.py"), f"--host={BACKEND[0]}",
-                                "peer", str(BACKEND_PORT)], self.workdir / "backend.log"))
+                                "peer"] + [str(p) for p in BACKEND_PORTS],
+                               self.workdir / "backend.log"))
         self.procs.append(Proc("bird", self.ns["rtr"],
                                ["bird", "-f", "-c", str(d / "bird.conf"), "-s",
                                 str(d / "bird.ctl"), "-P", str(d / "bird.pid")],
@@ -684,11 +699,31 @@ class Run:
         time.sleep(3)
         recs = self.c.window(t0, now())
         counts = per_host(recs)
-        self.results.append({"scenario": name, "connections": counts,
-                             "router_paths": list(self.fib.gateways())})
+        # balance = "hash": each client address keeps its server, through either host
+        probes = self.c.ask(op="probe", sources=HASH_SOURCES, per_source=8)["records"]
+        servers: dict[str, set] = {}
+        hosts: dict[str, set] = {}
+        for src, host, backend, _err in probes:
+            servers.setdefault(src, set()).add(backend)
+            hosts.setdefault(src, set()).add(host)
+        self.results.append({
+            "scenario": name, "connections": counts, "router_paths": list(self.fib.gateways()),
+            "hash_probe": {"client_addresses": len(HASH_SOURCES),
+                           "connections": len(probes),
+                           "failed": sum(1 for p in probes if p[1] is None),
+                           "addresses_seen_through_both_hosts":
+                               sum(1 for h in hosts.values() if len(h) == 2),
+                           "addresses_with_one_server":
+                               sum(1 for v in servers.values() if len(v) == 1),
+                           "servers_used": len(set().union(*servers.values()))}})
         self.check(counts["failed"] == 0, name, f"{counts['failed']} failed connections")
         self.check(counts["host1"] > 0 and counts["host2"] > 0, name,
                    f"connections did not land on both hosts: {counts}")
+        self.check(all(p[1] is not None for p in probes), name, "hash probe connections failed")
+        self.check(all(len(v) == 1 for v in servers.values()), name,
+                   f"a client address reached two servers: {servers}")
+        self.check(sum(1 for h in hosts.values() if len(h) == 2) >= len(HASH_SOURCES) // 2, name,
+                   f"too few client addresses went through both hosts: {hosts}")
 
     # -- 2
     def planned_drain(self) -> None:
@@ -719,6 +754,7 @@ class Run:
             "scenario": name, "connections": per_host(recs), "long_flows": lsum,
             "drain_to_withdraw_ms": ms(t_w - t_ack),
             "withdraw_to_shift_ms": ms(max(0.0, last_h1 - t_w)) if last_h1 else 0,
+            "drain_to_last_new_connection_on_host1_ms": ms(last_h1 - t_ack) if last_h1 else None,
             "served_by_host1_between_drain_and_withdraw": len(between),
             "drain_to_accept_stop_ms": ms(t_stop - t_ack),
             "drain_to_host1_exit_ms": ms(t_exit - t_ack),
@@ -998,7 +1034,7 @@ def main() -> int:
         preflight()
         stale = remove_stale()
         if stale:
-            print(f"removed namespaces of an earlier run: {stale}", flush=True)
+            say(f"removed namespaces of an earlier run: {stale}")
         out["machine"] = machine()
         lab = Lab(workdir)
         lab.build()
@@ -1009,14 +1045,14 @@ def main() -> int:
                      run.ringd_killed, run.host_cut_off, run.stateless_router):
             done = len(run.results)
             step()
-            print(render(run.results[done:]), flush=True)
+            say(render(run.results[done:]))
         lab.client.ask(op="loop_stop")
         out["results"] = run.results
         out["problems"] = run.problems + [f"router FIB: {e}" for e in lab.fib.errors]
         out["ok"] = not out["problems"]
     except (Exception, KeyboardInterrupt) as e:
         if not isinstance(e, ClusterError):
-            traceback.print_exc()
+            say(traceback.format_exc())
         out["problems"].append(f"aborted: {type(e).__name__}: {e}")
         if run is not None:
             out["results"] = run.results
@@ -1033,11 +1069,11 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     if out["problems"]:
-        print("PROBLEMS:\n  " + "\n  ".join(out["problems"]), flush=True)
-        print(f"logs kept in {workdir}", flush=True)
+        say("PROBLEMS:\n  " + "\n  ".join(out["problems"]))
+        say(f"logs kept in {workdir}")
     elif not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"cluster test {'passed' if out['ok'] else 'FAILED'} in {out['seconds']}s", flush=True)
+    say(f"cluster test {'passed' if out['ok'] else 'FAILED'} in {out['seconds']}s")
     return 0 if out["ok"] else 1
 
 
