@@ -101,6 +101,7 @@ class LameDuck:
         """Cancel a lame-duck drain that has not stopped accepting yet."""
         state = self.state
         if state == STOPPING:
+            self.log.warning("lameduck_ready_refused", reason="accepting has stopped")
             return False, ("too late: ringd has stopped accepting and exits once its connections "
                            "are done; start it again after that")
         if state == SERVING:

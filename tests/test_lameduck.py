@@ -170,6 +170,7 @@ def test_ready_cancels_a_drain_that_still_accepts(tmp_path):
             late = r.cli("ready", "-c", str(r.conf))
             assert late.returncode == 1 and "too late" in late.stderr, late
             assert len(late.stderr.strip().splitlines()) == 1
+            r.wait_event("lameduck_ready_refused", timeout=5)
             _roundtrip_held(held, b"still served\n")
             held.close()
             assert r.wait_exit(15) == 0
