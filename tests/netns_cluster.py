@@ -74,6 +74,9 @@ DRAIN_AFTER = 4.0                             # ringd drain --after in the scena
 DEADLINE = 420                                # the whole run, seconds
 PREFIX_RE = re.compile(r"^rdc(\d+)-")
 
+# ip, bird, exabgp and nft live in /usr/sbin, which a non-login PATH may lack
+os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+
 VENV_BIN = Path(sys.executable).parent
 RINGD = str(VENV_BIN / "ringd") if (VENV_BIN / "ringd").exists() else None
 
@@ -418,6 +421,8 @@ class Host:
     def start_ringd(self) -> float:
         """Start ringd; returns the time it logged ready."""
         before = len(self.events("ready"))
+        if self.ringd is not None and not self.ringd.alive():
+            self.ringd.stop()       # the previous run (drained or killed): close its log
         self.starts += 1
         self.ringd = Proc(f"{self.name}-ringd", self.ns, [RINGD, "start", "-c", str(self.conf)],
                           self.dir / f"ringd-{self.starts}.out")
@@ -998,7 +1003,6 @@ def machine() -> dict:
 
 
 def preflight() -> None:
-    os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
     if os.geteuid() != 0:
         raise ClusterError("needs root (network namespaces)")
     if RINGD is None:
