@@ -51,7 +51,9 @@ venv: deps $(STAMP)
 run: venv
 	@sh conf/run-demo.sh $(VPY)
 
-test: venv
+# RINGD_CLUSTER_TEST=1 (as .ci/run sets it) also runs the namespace cluster
+# test, after installing what it needs.
+test: venv $(if $(RINGD_CLUSTER_TEST),cluster-deps)
 	$(VPY) -m pytest -q tests
 
 # The namespace cluster test (tests/netns_cluster.py, about 70 s, as root).
