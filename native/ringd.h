@@ -20,6 +20,8 @@
 #include <liburing.h>
 
 #include "ringd_api.h"
+#include "tls_hello.h"
+#include "proxy_recv.h"
 
 #define RINGD_TICK_MS 100
 #define RINGD_BGID 1          /* buffer group of the copy path */

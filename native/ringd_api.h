@@ -287,3 +287,126 @@ int ringd_probe(struct ringd_features *f);
 
 /* Helpers for tests and tooling. */
 uint64_t ringd_monotonic_ms(void);
+
+/* ------------------------------------------------ first-bytes parsers
+ *
+ * Two pure parsers for the bytes a client sends first (tls_hello.c,
+ * proxy_recv.c): no allocation, no globals, no I/O. The caller hands them
+ * everything received so far, from the first byte of the connection, and
+ * calls again with more bytes after a NEED_MORE; the answer for a given
+ * byte string never depends on how it arrived. Neither reads past `len`.
+ *
+ * `need` on NEED_MORE is a lower bound of the total number of bytes (counted
+ * from buf[0]) the header or ClientHello occupies, always > len; it is exact
+ * once the length is known. A verdict (NOT_TLS, MALFORMED, ...) may still
+ * come with any further byte: `need` only says when a complete answer can
+ * come at the earliest.
+ */
+
+/* ringd_tls_parse results */
+#define RINGD_TLS_NEED_MORE 0
+#define RINGD_TLS_FOUND 1          /* ClientHello with a valid server_name */
+#define RINGD_TLS_NO_SNI 2         /* valid ClientHello without (a usable) server_name */
+#define RINGD_TLS_NOT_TLS 3        /* the first bytes are no TLS handshake record */
+#define RINGD_TLS_MALFORMED 4      /* a TLS handshake record, but broken or too big */
+
+#define RINGD_TLS_MAX_EXAMINED 16384   /* the ClientHello must end within these bytes */
+#define RINGD_TLS_MAX_RECORDS 64       /* TLS records the ClientHello may span */
+#define RINGD_TLS_NAME_MAX 253         /* text form of a 255-byte DNS name */
+#define RINGD_TLS_ALPN_MAX 256         /* bytes of the ALPN list kept in ringd_hello_info */
+
+/* ringd_hello_info.flags */
+#define RINGD_HELLO_SNI_INVALID 1      /* server_name present, not a valid DNS name (NO_SNI) */
+#define RINGD_HELLO_ALPN 2             /* an ALPN extension was present */
+#define RINGD_HELLO_ALPN_TRUNCATED 4   /* alpn[] holds only the first entries */
+#define RINGD_HELLO_SUPPORTED_VERSIONS 8   /* max_version comes from supported_versions */
+
+/* ringd_hello_info.error (MALFORMED only): the first check that failed */
+#define RINGD_TLS_E_RECORD 1           /* a later record is not a handshake record, or its length is 0 or > 2^14 */
+#define RINGD_TLS_E_NOT_CLIENT_HELLO 2 /* handshake type is not client_hello (1) */
+#define RINGD_TLS_E_TOO_LARGE 3        /* the ClientHello would end past RINGD_TLS_MAX_EXAMINED */
+#define RINGD_TLS_E_FRAGMENTED 4       /* spread over more than RINGD_TLS_MAX_RECORDS records */
+#define RINGD_TLS_E_BODY 5             /* a fixed ClientHello field overruns or is invalid */
+#define RINGD_TLS_E_EXTENSIONS 6       /* the extension block overruns, leaves bytes, or repeats one we read */
+#define RINGD_TLS_E_SNI 7              /* server_name extension structurally invalid */
+#define RINGD_TLS_E_ALPN 8             /* ALPN extension structurally invalid */
+#define RINGD_TLS_E_VERSIONS 9         /* supported_versions extension structurally invalid */
+
+struct ringd_hello_info {
+    uint32_t need;             /* NEED_MORE: see above */
+    uint32_t hello_end;        /* FOUND/NO_SNI: stream bytes up to the ClientHello's last byte */
+    uint32_t error;            /* MALFORMED: RINGD_TLS_E_* */
+    uint32_t flags;            /* RINGD_HELLO_* */
+    uint16_t record_version;   /* legacy version of the first record header (0x0301...) */
+    uint16_t hello_version;    /* ClientHello.legacy_version (0x0303 for TLS 1.2 and 1.3) */
+    uint16_t max_version;      /* highest non-GREASE supported_versions entry, else hello_version */
+    uint16_t records;          /* TLS records the ClientHello spans */
+    uint16_t name_len;         /* FOUND: bytes in name, 1..253 */
+    uint16_t alpn_len;         /* bytes in alpn */
+    uint16_t alpn_count;       /* protocols in the client's ALPN list (all, kept or not) */
+    uint16_t reserved;
+    uint8_t name[256];         /* FOUND: server_name lower-cased, no trailing dot, NUL-terminated */
+    uint8_t alpn[256];         /* ALPN list in wire form (length byte, bytes, ...), whole entries */
+};
+
+/* ringd_proxy_parse results */
+#define RINGD_PROXY_NEED_MORE 0
+#define RINGD_PROXY_OK 1           /* consume header_len bytes, forward the rest */
+#define RINGD_PROXY_NOT_PROXY 2    /* the first bytes start no PROXY header */
+#define RINGD_PROXY_MALFORMED 3
+
+#define RINGD_PROXY_V1_MAX 107     /* longest v1 line, CRLF included */
+#define RINGD_PROXY_V2_MAX 4096    /* longest v2 header accepted (16 + addresses + TLVs) */
+
+/* ringd_proxy_info.command */
+#define RINGD_PROXY_CMD_LOCAL 0    /* v2 LOCAL: the sender's own connection (health check) */
+#define RINGD_PROXY_CMD_PROXY 1    /* relayed connection (v1 always, v2 PROXY) */
+
+/* ringd_proxy_info.flags */
+#define RINGD_PROXY_F_CRC32C 1     /* a PP2_TYPE_CRC32C TLV was present and verified */
+
+/* ringd_proxy_info.error (MALFORMED only) */
+#define RINGD_PROXY_E_V1_LINE 1    /* no CRLF within 107 bytes, a bare CR or LF, a bad byte */
+#define RINGD_PROXY_E_V1_PROTO 2   /* not TCP4, TCP6 or UNKNOWN */
+#define RINGD_PROXY_E_V1_ADDRESS 3 /* an address that is not canonical for the family */
+#define RINGD_PROXY_E_V1_PORT 4    /* not 0..65535, or a leading zero */
+#define RINGD_PROXY_E_V1_SYNTAX 5  /* spaces, missing or extra fields */
+#define RINGD_PROXY_E_V2_VERSION 6 /* version nibble is not 2 */
+#define RINGD_PROXY_E_V2_COMMAND 7 /* command is neither LOCAL nor PROXY */
+#define RINGD_PROXY_E_V2_FAMILY 8  /* family/protocol byte not one of the seven the spec lists */
+#define RINGD_PROXY_E_V2_LENGTH 9  /* longer than RINGD_PROXY_V2_MAX, or too short for the addresses */
+#define RINGD_PROXY_E_V2_TLV 10    /* a TLV overruns the header or is cut short */
+#define RINGD_PROXY_E_V2_CRC 11    /* PP2_TYPE_CRC32C of the wrong size or not matching */
+
+struct ringd_proxy_info {
+    uint32_t need;             /* NEED_MORE: see above */
+    uint32_t header_len;       /* OK: bytes to consume, exactly */
+    uint32_t error;            /* MALFORMED: RINGD_PROXY_E_* */
+    uint32_t flags;            /* RINGD_PROXY_F_* */
+    uint8_t version;           /* 1 or 2 (once known) */
+    uint8_t command;           /* RINGD_PROXY_CMD_* */
+    uint8_t family;            /* v2: the family/protocol byte; v1: 0x11 TCP4, 0x21 TCP6, 0 UNKNOWN */
+    uint8_t reserved;
+    uint32_t src_len;          /* 0: no usable address carried, keep the socket's own */
+    uint32_t dst_len;
+    uint8_t src[28];           /* struct sockaddr_in or sockaddr_in6: the client */
+    uint8_t dst[28];           /* the address the client connected to */
+    uint16_t authority_off;    /* v2 PP2_TYPE_AUTHORITY value: offset in buf (0: absent) */
+    uint16_t authority_len;
+    uint16_t alpn_off;         /* v2 PP2_TYPE_ALPN value: offset in buf (0: absent) */
+    uint16_t alpn_len;
+};
+
+/* Parse a TLS ClientHello from the first bytes of a connection: one of
+ * RINGD_TLS_*; *out is filled (zeroed first). */
+int ringd_tls_parse(const uint8_t *buf, uint32_t len, struct ringd_hello_info *out);
+
+/* Normalise a host name the way ringd_tls_parse does (ASCII lower case,
+ * one trailing dot removed) and validate it: labels of 1..63 bytes of
+ * [a-z0-9_-], at most RINGD_TLS_NAME_MAX bytes in all. Writes the name and a
+ * NUL to out[256]; returns its length, or -1 if it is not a valid name. */
+int ringd_tls_name_normalize(const uint8_t *in, uint32_t len, uint8_t *out);
+
+/* Parse a PROXY protocol v1 or v2 header: one of RINGD_PROXY_*; *out is
+ * filled (zeroed first). */
+int ringd_proxy_parse(const uint8_t *buf, uint32_t len, struct ringd_proxy_info *out);
