@@ -467,11 +467,10 @@ def _ref_versions(data: bytes, info: dict) -> None:
 def ref_proxy(data: bytes) -> dict:
     """What ringd_proxy_parse must answer: result, and for OK the header
     length, command, family and addresses (ip, port) or None."""
-    for i in range(min(len(data), 12)):
-        v1_ok = i >= 6 or data[i] == b"PROXY "[i]
-        v2_ok = data[i] == V2_SIG[i]
-        if not (v1_ok and data[:i + 1] == b"PROXY "[:i + 1]) and \
-                not (v2_ok and data[:i + 1] == V2_SIG[:i + 1]):
+    for i in range(1, min(len(data), 12) + 1):
+        seen = data[:i]
+        if not (b"PROXY ".startswith(seen) or seen.startswith(b"PROXY ")) and \
+                not V2_SIG.startswith(seen):
             return {"result": PX_NOT_PROXY}
     if data.startswith(V2_SIG):
         return _ref_v2(data)
@@ -577,7 +576,7 @@ def _ref_v6(s: bytes) -> str | None:
         if _ref_v4(quad.encode()) is None:
             return None
     try:
-        return str(ipaddress.IPv6Address(text))
+        return socket.inet_ntop(socket.AF_INET6, ipaddress.IPv6Address(text).packed)
     except ValueError:
         return None
 
@@ -712,7 +711,8 @@ def tls_corpus(seed: int = 1, count: int = 2500) -> list[bytes]:
     out.append(frame(Hello(msgs[0]).set_ext(EXT_SNI, b"").encode()))
     out.append(frame(Hello(msgs[0]).set_ext(EXT_VERSIONS, b"\x04\x0a\x0a\x7f\x1c").encode()))
     # near the 16 KiB bound, in one record and across records
-    for pad in (16384 - 9 - len(msgs[0]) - 4, 16384 - 9 - len(msgs[0]) - 3, 15000):
+    unpadded = len(Hello(msgs[0]).set_ext(EXT_PADDING, None).encode())
+    for pad in (16384 - 5 - unpadded - 4, 16384 - 5 - unpadded - 3, 15000):
         m = Hello(msgs[0]).set_ext(EXT_PADDING, bytes(pad)).encode()
         if len(m) <= 16384:
             out.append(frame(m))
