@@ -740,8 +740,10 @@ def tls_corpus(seed: int = 1, count: int = 2500) -> list[bytes]:
             except (IndexError, struct.error, AssertionError):
                 continue
             off, size = rng.choice(fields)
+            orig = int.from_bytes(msg[off:off + size], "big")
             val = rng.choice([0, 1, (1 << (8 * size)) - 1, (1 << (8 * size)) - 2,
-                              rng.randrange(1 << (8 * size))])
+                              rng.randrange(1 << (8 * size)), orig + 1, orig + 1, orig + 2,
+                              orig - 1, orig - 1]) % (1 << (8 * size))
             m = bytearray(msg)
             m[off:off + size] = val.to_bytes(size, "big")
             recs = records(base)
@@ -848,14 +850,18 @@ def proxy_corpus(seed: int = 2, count: int = 2500) -> list[bytes]:
                 i = rng.randrange(len(b))
                 b[i] ^= 1 << rng.randrange(8)
         elif kind == 2 and base.startswith(V2_SIG):     # length or a TLV length
+            orig = int.from_bytes(b[14:16], "big")
             if rng.random() < 0.5:
-                b[14:16] = rng.choice([0, 1, 11, 12, 35, 36, 0xFFFF,
-                                       rng.randrange(0x10000)]).to_bytes(2, "big")
+                b[14:16] = (rng.choice([0, 1, 11, 12, 35, 36, 0xFFFF, rng.randrange(0x10000),
+                                        orig + 1, orig - 1, orig + 3, orig - 3])
+                            % 0x10000).to_bytes(2, "big")
             else:
-                hl = 16 + int.from_bytes(b[14:16], "big")
+                hl = 16 + orig
                 i = rng.randrange(16, max(17, hl))
                 if i + 2 < len(b):
-                    b[i:i + 2] = rng.choice([0, 0xFFFF, rng.randrange(64)]).to_bytes(2, "big")
+                    cur = int.from_bytes(b[i:i + 2], "big")
+                    b[i:i + 2] = (rng.choice([0, 0xFFFF, rng.randrange(64), cur + 1, cur - 1])
+                                  % 0x10000).to_bytes(2, "big")
         elif kind == 3:                                 # a character of a v1 line
             i = rng.randrange(len(b))
             b[i] = ord(rng.choice("0123456789abcdefABCDEF.: \r\nPROXYTCPUNKOW\x00\xff"))
