@@ -3,6 +3,8 @@
 #   make test   the whole test suite
 #   make cluster-test  two ringd hosts behind a BGP/ECMP router in network
 #               namespaces (root; installs bird2, exabgp, nftables)
+#   make fuzz   fuzz the TLS ClientHello and PROXY header parsers under
+#               ASan/UBSan for FUZZ_SECONDS (not part of make test)
 #   make bench  the side-by-side benchmark (not part of make test)
 #   make bench-profile  where the proxies' CPU goes per request (perf)
 #   make deb    the Debian package
@@ -15,7 +17,7 @@ APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
 SOURCES := $(wildcard supervisor/*.py worker/*.py native/*.c native/*.h native/*.py) \
            pyproject.toml setup.py
 
-.PHONY: run test cluster-test cluster-deps deps venv bench bench-profile bench-deps deb deb-test clean
+.PHONY: run test fuzz cluster-test cluster-deps deps venv bench bench-profile bench-deps deb deb-test clean
 
 # Debian packages, installed only when missing (needs root, as on CI).
 deps:
@@ -55,6 +57,13 @@ run: venv
 # test, after installing what it needs.
 test: venv $(if $(RINGD_CLUSTER_TEST),cluster-deps)
 	$(VPY) -m pytest -q tests
+
+# Longer fuzzing of native/tls_hello.c and native/proxy_recv.c (tests/fuzz/):
+# libFuzzer when clang is installed, else the gcc sanitizer driver mutating
+# the corpus of tests/parser_corpus.py. Needs gcc (make deps) only.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	$(PYTHON) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # The namespace cluster test (tests/netns_cluster.py, about 70 s, as root).
 # bird2 and exabgp are only run inside the test's own namespaces: a bird

@@ -726,6 +726,8 @@ def tls_corpus(seed: int = 1, count: int = 2500) -> list[bytes]:
         base = rng.choice(bases + out[len(bases):len(bases) + 40])
         kind = rng.randrange(8)
         b = bytearray(base)
+        if not b:
+            continue
         if kind == 0:                                   # a prefix
             out.append(bytes(b[:rng.randrange(len(b) + 1)]))
             continue
@@ -841,6 +843,8 @@ def proxy_corpus(seed: int = 2, count: int = 2500) -> list[bytes]:
     while len(out) < count:
         base = rng.choice(out[:60])
         b = bytearray(base)
+        if not b:
+            continue
         kind = rng.randrange(6)
         if kind == 0:
             out.append(bytes(b[:rng.randrange(len(b) + 1)]))
