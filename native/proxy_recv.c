@@ -30,7 +30,9 @@
  * for TCP over IPv4 and IPv6. UNSPEC, UDP and UNIX are valid but carry no
  * address ringd can use: the spec lets a receiver "fall back to the UNSPEC
  * mode" for those, so they are OK with no address (src_len = 0: keep the
- * socket's own), as HAProxy does; the family byte says which it was. A LOCAL
+ * socket's own), as HAProxy does; the family byte says which it was. UNIX
+ * and UDP blocks are skipped by their fixed size and TLVs after them are
+ * walked; an UNSPEC block has no layout, so it is skipped whole. A LOCAL
  * header is OK with no address and its block, family included, is skipped
  * unread as the spec says. A header longer than RINGD_PROXY_V2_MAX is
  * MALFORMED (the cloud balancers that add TLVs stay far below it).
