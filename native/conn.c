@@ -131,6 +131,8 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
         /* slots are handed out in order and only then recycled, so the table
          * only touches as many pages as the peak number of connections */
         c = &w->conns[w->high_water++];
+        w->cfg->shm->conn_slots = w->high_water;
+        note_growth(w);
     } else {
         /* more completions than max_connections + slack: cannot track it */
         st->accepted++;
@@ -730,9 +732,9 @@ static void on_recv(struct worker *w, struct conn *c, unsigned i, int res, uint3
 
     d->flags &= ~DF_IN_BUSY;
     if (cflags & IORING_CQE_F_BUFFER) {
-        bufring_consumed(w);
         d->bid = (uint16_t)(cflags >> IORING_CQE_BUFFER_SHIFT);
         d->buf = bufring_addr(w, d->bid);
+        bufring_consumed(w, d->bid);
     }
     if (c->state != CS_FORWARDING)
         return;
@@ -943,6 +945,8 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
     w->active--;
     w->ls[c->listener].active--;
     w->cfg->shm->conns_active = w->active;
+    if (w->active == 0)
+        w->trim_due = true;     /* everything pooled is surplus now */
     access_log(w, c);
 
     c->state = CS_FREE;

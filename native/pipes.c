@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #define PIPE_MIN_SIZE 65536u
@@ -24,6 +25,8 @@ int pipe_get(struct worker *w, struct pipe_ref *out)
 
     if (w->npipes > 0) {
         *out = w->pipes[--w->npipes];
+        if (w->npipes < w->pipes_idle_min)
+            w->pipes_idle_min = w->npipes;
         shm->pipes_idle = w->npipes;
         shm->pipes_in_use++;
         w->pipes_out++;
@@ -60,6 +63,7 @@ int pipe_get(struct worker *w, struct pipe_ref *out)
     shm->pipes_created++;
     shm->pipes_in_use++;
     w->pipes_out++;
+    note_growth(w);
     return 0;
 }
 
@@ -92,10 +96,27 @@ void pipe_pool_drain(struct worker *w)
     w->cfg->shm->pipes_idle = 0;
 }
 
+/* Close the n pipes at the bottom of the idle stack: LIFO reuse takes from
+ * the top, so these are the ones that sat unused longest. */
+uint32_t pipe_pool_trim(struct worker *w, uint32_t n)
+{
+    if (n > w->npipes)
+        n = w->npipes;
+    for (uint32_t i = 0; i < n; i++) {
+        close(w->pipes[i].rfd);
+        close(w->pipes[i].wfd);
+    }
+    memmove(w->pipes, w->pipes + n, (w->npipes - n) * sizeof(w->pipes[0]));
+    w->npipes -= n;
+    w->cfg->shm->pipes_idle = w->npipes;
+    return n;
+}
+
 char *buf_get(struct worker *w)
 {
     if (w->nbufs > 0)
         return w->bufs[--w->nbufs];
+    note_growth(w);
     return malloc(w->cfg->copy_buffer_size);
 }
 

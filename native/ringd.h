@@ -161,9 +161,17 @@ struct worker {
     uint32_t free_head;     /* UINT32_MAX = none */
     uint32_t high_water;    /* slots [0, high_water) have been used */
     size_t conns_bytes;     /* size of the mapping behind conns */
-    uint64_t idle_since_ms; /* when the last connection closed */
-    bool trimmed;
     uint32_t active;
+
+    /* Giving memory back (worker.c, idle_trim). trim_due is set by the work
+     * itself: every growth (a new table slot, a new pipe or pooled buffer,
+     * a cold provided buffer touched again, a larger buffer-ring target)
+     * and the last connection closing. A trim runs once nothing has grown
+     * for IDLE_TRIM_MS. */
+    bool trim_due;
+    uint64_t quiet_since_ms;   /* last growth, or the worker going idle */
+    uint64_t passes;           /* event loop iterations */
+    uint32_t pipes_idle_min;   /* fewest idle pooled pipes since the last trim/growth */
 
     struct listener_rt *ls;
     struct acceptor *acc;
@@ -192,9 +200,18 @@ struct worker {
     size_t br_region_bytes;
     uint32_t br_size, br_max;
     uint16_t *br_free;      /* LIFO stack of free buffer ids */
+    uint8_t *br_is_cold;    /* [br_max] 1: the buffer's pages were dropped (or never touched) */
+    uint16_t *br_ring_bid;  /* [ring entries] buffer id posted in each ring entry */
+    uint16_t *br_scratch;   /* [br_max] buffer ids being trimmed */
+    bool br_retract;        /* take the buffers posted above the target back */
     uint32_t br_nfree;
     uint32_t br_posted;     /* buffers in the ring, not yet taken by a recv */
-    uint32_t br_target;
+    uint32_t br_target;     /* how many to keep posted */
+    uint64_t br_grow_pass;  /* loop pass of the last target increase */
+    bool br_dry;            /* a recv found the ring empty in this decay window */
+    uint32_t br_posted_min; /* fewest posted in this decay window: the unused ones */
+    uint32_t br_nfree_min;  /* lowest depth of the free stack since the last trim/growth */
+    uint64_t br_decay_ms;   /* start of the decay window */
     uint64_t *br_wait;      /* recvs that found the ring empty (user_data tokens) */
     uint32_t br_nwait, br_wait_cap;
 
@@ -235,6 +252,7 @@ uint64_t real_ns(void);
 int pipe_get(struct worker *w, struct pipe_ref *out);
 void pipe_put(struct worker *w, struct pipe_ref *p, bool dirty);
 void pipe_pool_drain(struct worker *w);
+uint32_t pipe_pool_trim(struct worker *w, uint32_t n);
 char *buf_get(struct worker *w);
 void buf_put(struct worker *w, char *b);
 void buf_pool_drain(struct worker *w);
@@ -244,11 +262,18 @@ int bufring_setup(struct worker *w);
 void bufring_free(struct worker *w);
 char *bufring_addr(struct worker *w, uint16_t bid);
 void bufring_refill(struct worker *w);
-void bufring_consumed(struct worker *w);
+void bufring_consumed(struct worker *w, uint16_t bid);
 void bufring_release(struct worker *w, uint16_t bid);
 void bufring_wait(struct worker *w, uint64_t token);
 void bufring_service(struct worker *w);
-void bufring_trim(struct worker *w);
+void bufring_decay(struct worker *w);
+bool bufring_trim(struct worker *w, bool idle);
+void bufring_retract(struct worker *w);
+
+/* worker.c: something grew (memory or fds the worker may later give back) */
+void note_growth(struct worker *w);
+/* worker.c: handle every completion the kernel has posted so far */
+void worker_reap(struct worker *w);
 
 /* A connection needs 2 fds (its sockets) to be admitted. Pipes (2 fds per
  * splicing direction) are optional: with no fd to spare a direction copies

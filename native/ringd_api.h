@@ -122,8 +122,11 @@ struct ringd_worker_shm {
     uint64_t buf_waits;        /* copy-path recvs that found no free buffer */
     uint64_t bufs_posted;      /* buffers in the provided buffer ring */
     uint32_t copy_mode;        /* 1: buffer ring, 2: poll + pooled buffer */
-    uint32_t reserved32;
-    uint64_t reserved[5];
+    uint32_t bufs_target;      /* buffer ring: buffers kept posted (grows on -ENOBUFS, decays) */
+    uint64_t bufs_high_water;  /* most buffers posted or held at once since start */
+    uint64_t trims;            /* times the worker gave memory back (see idle_trim) */
+    uint64_t conn_slots;       /* connection table slots touched since the last trim */
+    uint64_t reserved[2];
 };
 
 struct ringd_listener_stats {

@@ -39,40 +39,96 @@ static void tick_arm(struct worker *w)
     io_uring_sqe_set_data64(sqe, ud_make(OP_TICK, 0, 0, 0));
 }
 
+void note_growth(struct worker *w)
+{
+    w->trim_due = true;
+    w->quiet_since_ms = w->now_ms;
+    /* the low-water marks measure what stays unused from now on */
+    w->pipes_idle_min = w->npipes;
+    w->br_nfree_min = w->br_nfree;
+}
+
 /*
- * With no connection open (so no completion can still name a slot), hand the
- * connection table, the idle pipes and the copy buffers back: a worker that
- * served a burst returns to the footprint it had before it.
+ * The connection table is an anonymous mapping handed out in slot order
+ * (high_water). A free slot has no operation in flight (it was freed at
+ * inflight == 0), so its page may be dropped: a late completion cannot name
+ * it, and conn_start rewrites a slot completely. With no connection open the
+ * whole table goes; otherwise everything above the highest slot in use, and
+ * the free list is rebuilt lowest slot first so that the table stays short.
+ */
+static bool table_trim(struct worker *w)
+{
+    uint32_t top = w->high_water;
+
+    while (top > 0 && w->conns[top - 1].state == CS_FREE)
+        top--;
+    if (top == w->high_water)
+        return false;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t from = ((size_t)top * sizeof(struct conn) + page - 1) & ~(page - 1);
+    size_t to = (size_t)w->high_water * sizeof(struct conn);
+    if (to > from)
+        madvise((char *)w->conns + from, to - from, MADV_DONTNEED);
+    w->free_head = UINT32_MAX;
+    for (uint32_t s = top; s-- > 0;) {
+        if (w->conns[s].state == CS_FREE) {
+            w->conns[s].next_free = w->free_head;
+            w->free_head = s;
+        }
+    }
+    w->high_water = top;
+    w->cfg->shm->conn_slots = top;
+    return true;
+}
+
+/*
+ * Give memory and fds back once the worker has stopped growing. trim_due is
+ * set by the work itself (note_growth: a new table slot, pipe or pooled
+ * buffer, a cold provided buffer written again, a larger buffer-ring
+ * target; and the last connection closing), never by sampling the number of
+ * open connections: a burst that opens and closes between two ticks is
+ * trimmed like any other. IDLE_TRIM_MS after the last growth:
+ *   no connection open: everything pooled goes (pipes, copy buffers, the
+ *     whole connection table, every provided buffer's pages);
+ *   some open: what stayed unused since the last growth or trim (idle pipes
+ *     at the bottom of the pool, free buffers at the bottom of the stack,
+ *     table slots above the highest one in use, buffers posted above the
+ *     buffer ring's target).
+ * While connections are open more becomes unused as they finish (and the
+ * buffer target comes down), so the trim repeats every IDLE_TRIM_MS; it
+ * costs a look at the pools' low-water marks and the top of the table.
+ * `trims` counts the ones that gave something back.
  */
 static void idle_trim(struct worker *w)
 {
-    if (w->active > 0) {
-        w->idle_since_ms = 0;
-        w->trimmed = false;
+    if (!w->trim_due || w->now_ms - w->quiet_since_ms < IDLE_TRIM_MS)
         return;
+    bool idle = w->active == 0;
+    bool gave = false;
+
+    if (idle) {
+        gave |= w->npipes > 0;
+        pipe_pool_drain(w);
+        if (w->nbufs > 0) {
+            buf_pool_drain(w);
+            malloc_trim(0);
+            gave = true;
+        }
+    } else {
+        gave |= pipe_pool_trim(w, w->pipes_idle_min) > 0;
     }
-    if (w->trimmed)
-        return;
-    if (w->idle_since_ms == 0) {
-        w->idle_since_ms = w->now_ms;
-        return;
-    }
-    if (w->now_ms - w->idle_since_ms < IDLE_TRIM_MS)
-        return;
-    pipe_pool_drain(w);
-    buf_pool_drain(w);
-    bufring_trim(w);
-    if (w->high_water > 0) {
-        madvise(w->conns, w->conns_bytes, MADV_DONTNEED);
-        w->high_water = 0;
-        w->free_head = UINT32_MAX;
-    }
-    malloc_trim(0);
-    w->trimmed = true;
+    gave |= bufring_trim(w, idle);
+    gave |= table_trim(w);
+    if (gave)
+        w->cfg->shm->trims++;
+    w->quiet_since_ms = w->now_ms;
+    w->pipes_idle_min = w->npipes;
+    w->trim_due = !idle;
 }
 
 static void on_tick(struct worker *w)
 {
+    bufring_decay(w);
     idle_trim(w);
     w->cfg->shm->heartbeat++;
     conn_expire_idle(w);
@@ -118,6 +174,30 @@ static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
     }
 }
 
+static unsigned reap_once(struct worker *w)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+
+    io_uring_for_each_cqe(&w->ring, head, cqe) {
+        dispatch(w, cqe);
+        n++;
+    }
+    io_uring_cq_advance(&w->ring, n);
+    w->cfg->shm->cqes += n;
+    return n;
+}
+
+void worker_reap(struct worker *w)
+{
+    /* completions that did not fit in the CQ wait in the kernel's overflow
+     * list until an io_uring_enter with GETEVENTS moves them over */
+    while (reap_once(w) > 0 || io_uring_cq_has_overflow(&w->ring)) {
+        if (io_uring_cq_has_overflow(&w->ring))
+            io_uring_get_events(&w->ring);
+    }
+}
+
 static int worker_alloc(struct worker *w)
 {
     const struct ringd_worker_cfg *cfg = w->cfg;
@@ -128,7 +208,6 @@ static int worker_alloc(struct worker *w)
     if (total > 0x7fffff)
         total = 0x7fffff;
     w->nconns = (uint32_t)total;
-    /* calloc of a large table: pages are only touched as slots are used */
     /* an anonymous mapping: pages are only touched as slots are used, and
      * can be handed back to the kernel when the worker goes idle */
     w->conns_bytes = (size_t)w->nconns * sizeof(struct conn);
@@ -136,6 +215,8 @@ static int worker_alloc(struct worker *w)
                     -1, 0);
     if (w->conns == MAP_FAILED)
         w->conns = NULL;
+    else
+        madvise(w->conns, w->conns_bytes, MADV_NOHUGEPAGE);   /* see bufring_setup */
     w->ls = calloc(cfg->nlisteners ? cfg->nlisteners : 1, sizeof(struct listener_rt));
     w->nacc = cfg->nacceptors;
     w->acc = calloc(w->nacc ? w->nacc : 1, sizeof(struct acceptor));
@@ -259,16 +340,12 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
         }
         w.now_ms = mono_ms();
 
-        struct io_uring_cqe *cqe;
-        unsigned head, n = 0;
-        io_uring_for_each_cqe(&w.ring, head, cqe) {
-            dispatch(&w, cqe);
-            n++;
-        }
-        io_uring_cq_advance(&w.ring, n);
+        reap_once(&w);
         bufring_service(&w);
+        if (w.br_retract)
+            bufring_retract(&w);
+        w.passes++;
         cfg->shm->loops++;
-        cfg->shm->cqes += n;
 
         if (w.draining && w.active == 0 && w.accept_armed_count == 0)
             break;

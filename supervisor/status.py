@@ -43,6 +43,11 @@ def collect(master) -> dict:
                 "pipes_in_use": shm.pipes_in_use,
                 "pipe_size": shm.pipe_size,
                 "buf_waits": shm.buf_waits,
+                "bufs_posted": shm.bufs_posted,
+                "bufs_target": shm.bufs_target,       # buffer ring: kept posted
+                "bufs_high_water": shm.bufs_high_water,   # most posted or held at once
+                "conn_slots": shm.conn_slots,         # connection table slots touched
+                "trims": shm.trims,                   # times memory was given back
                 "loops": shm.loops,       # event loop iterations (one wait each)
                 "cqes": shm.cqes,         # completions handled
             }

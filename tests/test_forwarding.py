@@ -98,43 +98,110 @@ def test_workers_pinned_titled_and_ring_threads(tmp_path, sqpoll):
             assert echo_roundtrip(port, b"ping") == b"ping"
 
 
+def _rss_anon_kib(pid: int) -> int:
+    """Anonymous resident memory: the pools, table and buffers a trim gives back
+    (VmRSS also counts file pages and the ring's shared mappings)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+def _workers_by_pid(r) -> dict[int, dict]:
+    return {w["pid"]: w for w in r.status()["workers"]}
+
+
+def _echo_burst(port: int, n: int, size: int = 6000) -> None:
+    """n connections open at once, each echoes `size` bytes, then all close."""
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(connect(port, timeout=20))
+        for i, s in enumerate(socks):
+            s.sendall((b"%06d" % i) * (size // 6))
+        for i, s in enumerate(socks):
+            want = (b"%06d" % i) * (size // 6)
+            got = b""
+            while len(got) < len(want):
+                chunk = s.recv(len(want) - len(got))
+                assert chunk, f"connection {i} closed early"
+                got += chunk
+            assert got == want
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _fully_trimmed(r) -> dict[int, dict] | None:
+    """Every worker idle with its whole connection table given back."""
+    ws = _workers_by_pid(r)
+    return ws if all(w["active"] == 0 and w["conn_slots"] == 0 for w in ws.values()) else None
+
+
 def test_thousand_concurrent_connections_and_return_to_idle(tmp_path):
+    """After a burst, every worker gives its memory and fds back: the trim is
+    due because the worker grew (not because a tick happened to see the
+    burst), and it shows in the status trim count."""
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
         conf = _conf(port, [f"127.0.0.1:{bport}"])
         with Ringd(tmp_path, conf, workers=2) as r:
             pids = r.worker_pids()
             echo_roundtrip(port, b"warm")
-            time.sleep(1.5)           # let the warm-up connection's pool be trimmed
+            before = wait_for(lambda: _fully_trimmed(r), 10, what="warm-up trimmed")
             idle_fds = {p: fd_count(p) for p in pids}
-            idle_rss = {p: rss_kib(p) for p in pids}
+            idle_anon = {p: _rss_anon_kib(p) for p in pids}
 
-            socks = []
-            try:
-                for i in range(1000):
-                    socks.append(connect(port, timeout=20))
-                for i, s in enumerate(socks):
-                    s.sendall(b"%06d" % i)
-                for i, s in enumerate(socks):
-                    got = b""
-                    while len(got) < 6:
-                        chunk = s.recv(6 - len(got))
-                        assert chunk, f"connection {i} closed early"
-                        got += chunk
-                    assert got == b"%06d" % i
-                st = r.status()
-                assert sum(w["active"] for w in st["workers"]) == 1000
-            finally:
-                for s in socks:
-                    s.close()
-            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 0, 15,
-                     what="all connections closed")
-            # pools are handed back after a second of idleness
-            wait_for(lambda: all(fd_count(p) <= idle_fds[p] for p in pids), 10,
-                     what=f"fd count back to idle {idle_fds}")
-            wait_for(lambda: all(rss_kib(p) <= idle_rss[p] + 2048 for p in pids), 10,
-                     what=f"RSS back near idle {idle_rss}")
+            _echo_burst(port, 1000)
+            after = wait_for(
+                lambda: (ws := _fully_trimmed(r)) and
+                all(ws[p]["trims"] > before[p]["trims"] for p in pids) and ws,
+                15, what="both workers trimmed after the burst")
+            assert sum(w["accepted"] - before[p]["accepted"] for p, w in after.items()) == 1000
+            assert all(after[p]["accepted"] > before[p]["accepted"] for p in pids), after
+            for p in pids:
+                assert fd_count(p) <= idle_fds[p], (p, fd_count(p), idle_fds)
+                assert _rss_anon_kib(p) <= idle_anon[p] + 1024, (p, _rss_anon_kib(p), idle_anon)
+                # the buffer ring is back to its starting target
+                assert after[p]["bufs_target"] == before[p]["bufs_target"]
+                assert after[p]["bufs_high_water"] > 0
             assert r.worker_pids() == pids
+            r.assert_no_traceback()
+
+
+@pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
+def test_memory_comes_back_while_a_connection_stays_open(tmp_path, sqpoll):
+    """A worker that is never fully idle (one long-lived connection open
+    before, during and after a burst) still gives back what the burst took."""
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        conf = _conf(port, [f"127.0.0.1:{bport}"], ring=f"sqpoll = {str(sqpoll).lower()}")
+        with Ringd(tmp_path, conf, workers=1) as r:
+            [pid] = r.worker_pids()
+            echo_roundtrip(port, b"warm")
+            idle = wait_for(lambda: _fully_trimmed(r), 10, what="warm-up trimmed")[pid]
+            idle_anon = _rss_anon_kib(pid)
+            with connect(port) as long:
+                long.sendall(b"before")
+                assert long.recv(16) == b"before"
+                _echo_burst(port, 1000)
+                long.sendall(b"during")
+                assert long.recv(16) == b"during"
+                peak = _workers_by_pid(r)[pid]
+                assert peak["conn_slots"] > 500, peak
+                # trimmed: the table down to the open connection, the buffer
+                # ring's target back to its start and the buffers posted
+                # above it taken back
+                after = wait_for(
+                    lambda: (w := _workers_by_pid(r)[pid])["active"] == 1 and
+                    w["trims"] > peak["trims"] and w["conn_slots"] <= 2 and
+                    w["bufs_target"] == idle["bufs_target"] and
+                    w["bufs_posted"] <= w["bufs_target"] and w,
+                    15, what="a trim with one connection open")
+                anon = _rss_anon_kib(pid)
+                assert anon <= idle_anon + 1536, (anon, idle_anon, after)
+                long.sendall(b"after")
+                assert long.recv(16) == b"after"
             r.assert_no_traceback()
 
 
