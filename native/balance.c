@@ -14,7 +14,8 @@
  *   random       two weighted random candidates, the less loaded one wins.
  *
  * Backup servers are used only while no primary is usable. Servers already
- * tried for this connection (connect retries) are skipped. Servers marked
+ * tried for this connection (connect retries; a short list, see
+ * RINGD_MAX_TRIES, so upstreams of any size work) are skipped. Servers marked
  * down by passive checks alone are still tried when nothing else is left.
  */
 #include "ringd.h"
@@ -28,7 +29,8 @@ int balance_init(struct worker *w)
     const struct ringd_worker_cfg *cfg = w->cfg;
 
     w->us = calloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(*w->us));
-    if (!w->us)
+    w->full = calloc(cfg->nservers ? cfg->nservers : 1, sizeof(uint32_t));
+    if (!w->us || !w->full)
         return -1;
     for (uint32_t u = 0; u < cfg->nupstreams; u++) {
         uint32_t n = cfg->upstreams[u].nservers;
@@ -46,7 +48,31 @@ void balance_free(struct worker *w)
     for (uint32_t u = 0; u < w->cfg->nupstreams; u++)
         free(w->us[u].cur_weight);
     free(w->us);
+    free(w->full);
     w->us = NULL;
+    w->full = NULL;
+}
+
+bool conn_tried(const struct conn *c, uint32_t s)
+{
+    for (unsigned k = 0; k < c->tries; k++)
+        if (c->tried[k] == s)
+            return true;
+    return false;
+}
+
+/* A new conn_connect: forget which servers the last one found full. */
+void balance_begin(struct worker *w)
+{
+    if (++w->full_epoch == 0) {
+        memset(w->full, 0, w->cfg->nservers * sizeof(uint32_t));
+        w->full_epoch = 1;
+    }
+}
+
+void balance_mark_full(struct worker *w, uint32_t s)
+{
+    w->full[s] = w->full_epoch;
 }
 
 static inline uint32_t srv_weight(struct worker *w, uint32_t s)
@@ -74,9 +100,7 @@ static bool srv_up(struct worker *w, const struct ringd_upstream_cfg *up, uint32
 static bool srv_usable(struct worker *w, struct conn *c, const struct ringd_upstream_cfg *up,
                        uint32_t s)
 {
-    uint32_t rel = s - up->first_server;
-
-    if (rel < 64 && (c->tried_mask & (1ull << rel)))
+    if (w->full[s] == w->full_epoch || conn_tried(c, s))
         return false;
     uint32_t mx = w->cfg->servers[s].max_conns;
     if (mx && __atomic_load_n(&w->cfg->srv[s].active, __ATOMIC_RELAXED) >= (int64_t)mx)
@@ -239,12 +263,9 @@ int balance_pick(struct worker *w, struct conn *c)
      * connection already tried does not: it just failed to connect, and a
      * retry after the last primary refused must reach a backup rather than
      * close the client before the health check has noticed. */
-    for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++) {
-        uint32_t rel = k - up->first_server;
-        bool tried = rel < 64 && (c->tried_mask & (1ull << rel));
-        if (!w->cfg->servers[k].backup && !tried && srv_up(w, up, k))
+    for (uint32_t k = up->first_server; k < up->first_server + up->nservers; k++)
+        if (!w->cfg->servers[k].backup && !conn_tried(c, k) && srv_up(w, up, k))
             return -1;
-    }
     s = pick_pass(w, c, up, u, true);
     if (s >= 0)
         return s;

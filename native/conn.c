@@ -193,8 +193,9 @@ static void conn_connect(struct worker *w, struct conn *c)
     const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
     struct ringd_listener_stats *st = lstats_of(w, c);
 
-    int idx;
-    for (;;) {
+    int idx = -1;
+    balance_begin(w);
+    while (c->tries < RINGD_MAX_TRIES) {
         idx = balance_pick(w, c);
         if (idx < 0)
             break;
@@ -203,8 +204,7 @@ static void conn_connect(struct worker *w, struct conn *c)
          * full after all, pick again (not a retry, nothing was tried). */
         uint32_t mx = w->cfg->servers[idx].max_conns;
         int64_t n = __atomic_add_fetch(&w->cfg->srv[idx].active, 1, __ATOMIC_RELAXED);
-        uint32_t r = (uint32_t)idx - up->first_server;
-        if (!mx || n <= (int64_t)mx || r >= 64) {
+        if (!mx || n <= (int64_t)mx) {
             /* a connect in flight counts as active for the server, so that
              * least_conn and max_connections see it before it completes */
             w->cfg->wsrv[idx].active++;
@@ -213,7 +213,8 @@ static void conn_connect(struct worker *w, struct conn *c)
             break;
         }
         __atomic_sub_fetch(&w->cfg->srv[idx].active, 1, __ATOMIC_RELAXED);
-        c->tried_mask |= 1ull << r;
+        balance_mark_full(w, (uint32_t)idx);
+        idx = -1;
     }
     if (idx < 0) {
         st->no_server++;
@@ -230,10 +231,7 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     if (c->tries > 0)
         st->retries++;
-    c->tries++;
-    uint32_t rel = (uint32_t)idx - up->first_server;
-    if (rel < 64)
-        c->tried_mask |= 1ull << rel;
+    c->tried[c->tries++] = (uint32_t)idx;
 
     const struct ringd_server_cfg *sv = &w->cfg->servers[idx];
     int family = ((const struct sockaddr *)sv->addr)->sa_family;

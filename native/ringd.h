@@ -58,6 +58,11 @@ static inline uint32_t ud_slot(uint64_t ud) { return (uint32_t)ud; }
 
 /* ------------------------------------------------------------ connection */
 
+/* A connection connects to at most 1 + connect_retries servers, and
+ * connect_retries is at most 16 (config.py). So the servers it tried fit in
+ * a short list, whatever the number of servers in its upstream. */
+#define RINGD_MAX_TRIES 17
+
 enum conn_state {
     CS_FREE = 0,
     CS_CONNECTING,      /* connect to a server in flight */
@@ -103,14 +108,14 @@ struct conn {
     uint8_t state;          /* enum conn_state */
     uint8_t end_reason;     /* RINGD_END_* once closing */
     uint8_t abortive;       /* close with RST */
-    uint8_t tries;          /* servers tried */
+    uint8_t tries;          /* servers tried: tried[0 .. tries) */
     uint8_t srv_counted;    /* counted in the server's active connections */
     uint16_t listener;
     int16_t inflight;       /* SQEs whose CQE we still expect */
     int cfd, sfd;
     int server;             /* index, -1 until chosen */
     int err;                /* errno that ended it, if any */
-    uint64_t tried_mask;    /* servers tried (first 64 of the upstream) */
+    uint32_t tried[RINGD_MAX_TRIES];   /* server indexes, in order */
     struct dir d[2];
     uint64_t last_ms;       /* monotonic ms of last activity */
     uint64_t start_ns;      /* realtime, for the access log */
@@ -233,6 +238,10 @@ struct worker {
     bool accept_stopped;     /* draining and every accept cancelled */
     uint32_t rng;
     bool ignore_passive;     /* balance: last resort pass */
+    /* balance: servers found full while reserving a place in this
+     * conn_connect call (full[s] == full_epoch), skipped by its next picks */
+    uint32_t *full;
+    uint32_t full_epoch;
 
     /* rate limited connect failure event */
     uint64_t cfail_pending;
@@ -307,6 +316,9 @@ void conn_retry_recv(struct worker *w, uint64_t token);
 int balance_init(struct worker *w);
 void balance_free(struct worker *w);
 int balance_pick(struct worker *w, struct conn *c);
+void balance_begin(struct worker *w);
+void balance_mark_full(struct worker *w, uint32_t s);
+bool conn_tried(const struct conn *c, uint32_t s);
 void server_connect_failed(struct worker *w, int server, int err);
 
 /* control.c */
