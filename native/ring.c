@@ -48,7 +48,12 @@ static int try_init(struct worker *w, uint32_t mode, uint32_t flags, unsigned en
     int ret;
 
     memset(&p, 0, sizeof(p));
-    p.flags = flags | IORING_SETUP_CQSIZE;
+    /* A CQ four times the SQ absorbs bursts of completions. The kernel caps
+     * CQ entries (IORING_MAX_CQ_ENTRIES, 65536 on 6.x) and refuses a larger
+     * cq_entries with EINVAL unless asked to clamp: with [ring] entries at
+     * 32768, the top of its documented range, the CQ gets the kernel's
+     * maximum instead of failing the worker. */
+    p.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
     p.cq_entries = entries * 4;
     if (mode == RINGD_RING_SQPOLL) {
         p.sq_thread_idle = cfg->sq_thread_idle_ms;

@@ -12,7 +12,6 @@ old generations may drain at once, up to ringd.max_draining_generations.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ from .config import Config, ConfigError
 from .lameduck import DRAINING, LameDuck
 from .listeners import BindError, ListenerSockets, bind_hint, keys_of, raise_nofile
 from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
-                     lib, plan_cpus, server_table, sqpoll_wanted)
+                     lib, plan_cpus, server_table, setup_failure, sqpoll_wanted)
 
 READY_TIMEOUT = 15.0        # a new generation must accept within this
 STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
@@ -584,13 +583,7 @@ class Master:
             self.log.warning("pipe_size_reduced", size=ev.a, error=ev.error,
                              hint="raise fs.pipe-user-pages-soft or run as root", **ctx)
         elif t == lib.RINGD_EV_SETUP_FAILED:
-            steps = {1: "allocating connection table", 2: "io_uring_setup",
-                     3: "first submit", 4: "io_uring_enter"}
-            reason = f"{steps.get(ev.a, 'setup')} failed: {ev.error}"
-            if ev.a == 2 and ev.err == errno.ENOMEM:
-                reason += (" (io_uring memory counts against the locked-memory limit of the "
-                           "workers' user, summed over every live generation: raise "
-                           "LimitMEMLOCK= / ulimit -l, or lower [ring] entries)")
+            reason = setup_failure(ev, cfg)
             w.fail_reason = f"worker {w.slot}: {reason}"
             self.log.error("worker_setup_failed", reason=reason, **ctx)
         elif t == lib.RINGD_EV_ACCEPT_ERROR:

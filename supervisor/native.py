@@ -328,6 +328,29 @@ class Event:
         return f"{errno.errorcode.get(self.err, self.err)}: {os.strerror(self.err)}"
 
 
+SETUP_STEPS = {1: "allocating connection table", 2: "io_uring_setup", 3: "first submit",
+               4: "io_uring_enter"}
+
+
+def setup_failure(ev: Event, config: Config) -> str:
+    """One line for a worker's RINGD_EV_SETUP_FAILED. A ring that cannot be
+    set up names the [ring] keys that shaped it, so the operator knows what
+    to change."""
+    reason = f"{SETUP_STEPS.get(ev.a, 'setup')} failed: {ev.error}"
+    if ev.a != 2:
+        return reason
+    ring = config.ring
+    sqpoll = ring.sqpoll if isinstance(ring.sqpoll, str) else str(ring.sqpoll).lower()
+    reason += f" (ring.entries = {ring.entries}, ring.sqpoll = {sqpoll})"
+    if ev.err == errno.ENOMEM:
+        reason += ("; io_uring memory counts against the locked-memory limit of the workers' "
+                   "user, summed over every live generation: raise LimitMEMLOCK= / ulimit -l, "
+                   "or lower ring.entries")
+    elif ev.err == errno.EINVAL:
+        reason += "; the kernel refused the ring's size or flags: try a smaller ring.entries"
+    return reason
+
+
 def decode_event(data: bytes) -> Event | None:
     if len(data) < EVENT_SIZE:
         return None
