@@ -282,7 +282,6 @@ static void on_connect(struct worker *w, struct conn *c, int res)
                 __atomic_fetch_add(&w->cfg->hdr->state_epoch, 1, __ATOMIC_RELAXED);
             }
         }
-        c->abortive = 0;
         if (up->proxy_protocol) {
             build_proxy_header(w, c, up->proxy_protocol);
             c->state = CS_HEADER;
@@ -854,36 +853,91 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
 
 /* ------------------------------------------------------------ close */
 
+/*
+ * How a connection ends, by reason. Only two ends are natural:
+ *   RINGD_END_DONE     both directions ended with the peers' own FINs, each
+ *                      forwarded: the sockets close normally (FIN).
+ *   RINGD_END_CONNECT  no server could be reached: the client is closed
+ *                      before any byte reached a server, with a FIN as
+ *                      HAProxy and nginx do (the kernel sends a reset
+ *                      instead if the client's data is still unread).
+ * Every other end may cut a transfer in the middle: RINGD_END_RESET (a peer
+ * reset or an I/O error), RINGD_END_TIMEOUT (idle_timeout), RINGD_END_DRAIN
+ * (the drain deadline, a drain cut short, stop, stop --now, the master gone),
+ * RINGD_END_RESOURCE (out of fds, memory or pipes). Those abort both
+ * sockets (SO_LINGER 0: a reset), so that both peers see an error; a FIN
+ * would look like the end of the data to any protocol that ends at EOF.
+ */
+static bool end_is_natural(int reason)
+{
+    return reason == RINGD_END_DONE || reason == RINGD_END_CONNECT;
+}
+
+static void cancel_op(struct worker *w, struct conn *c, enum op op, unsigned dir)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_cancel64(sqe, ud(w, c, op, dir), 0);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
+}
+
 void conn_close(struct worker *w, struct conn *c, int reason, int err)
 {
     if (c->state == CS_CLOSING || c->state == CS_FREE)
         return;
-    if (c->state == CS_CONNECTING && c->sfd >= 0) {
-        struct io_uring_sqe *sqe = get_sqe(w);
-        io_uring_prep_cancel64(sqe, ud(w, c, OP_CONNECT, 0), 0);
-        io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
-    }
+    bool natural = end_is_natural(reason);
+    enum conn_state was = (enum conn_state)c->state;
+
     c->state = CS_CLOSING;
     c->end_reason = (uint8_t)reason;
     if (err && !c->err)
         c->err = err;
-    if (reason == RINGD_END_RESET)
-        c->abortive = 1;
     lru_unlink(c);
 
-    if (c->abortive) {
+    if (!natural) {
         struct linger lg = { 1, 0 };
         setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         if (c->sfd >= 0)
             setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     }
-    /* wake everything still pending on the sockets (for a connect in
-     * progress, shutdown() aborts it); with nothing pending, as after a
-     * normal end, there is nothing to wake */
-    if (c->inflight > 0) {
+    if (c->inflight == 0) {
+        conn_maybe_free(w, c);
+        return;
+    }
+    /* Operations still pending hold the sockets: they must complete before
+     * the fds close. shutdown() wakes them all, but SHUT_WR sends a FIN, and
+     * a FIN followed by a reset is still read as a clean end by a peer that
+     * stops at EOF. So an abort cancels the pending operations instead (the
+     * reset goes out when the fds close), and only a natural end shuts down. */
+    if (natural) {
         shutdown(c->cfd, SHUT_RDWR);
         if (c->sfd >= 0)
             shutdown(c->sfd, SHUT_RDWR);
+        conn_maybe_free(w, c);
+        return;
+    }
+    switch (was) {
+    case CS_CONNECTING:
+        cancel_op(w, c, OP_CONNECT, 0);     /* its linked timeout goes with it */
+        break;
+    case CS_HEADER:
+        cancel_op(w, c, OP_HDR_SEND, 0);
+        break;
+    case CS_FORWARDING:
+        /* the op behind a busy flag depends on the mode; cancelling one that
+         * is not in flight just finds nothing (-ENOENT) */
+        for (unsigned i = 0; i < 2; i++) {
+            if (c->d[i].flags & DF_IN_BUSY) {
+                cancel_op(w, c, OP_RECV, i);
+                cancel_op(w, c, OP_POLL_IN, i);
+            }
+            if (c->d[i].flags & DF_OUT_BUSY) {
+                cancel_op(w, c, OP_SEND, i);
+                cancel_op(w, c, OP_POLL_OUT, i);
+            }
+        }
+        break;
+    default:
+        break;
     }
     conn_maybe_free(w, c);
 }

@@ -107,7 +107,6 @@ struct conn {
     uint32_t gen;
     uint8_t state;          /* enum conn_state */
     uint8_t end_reason;     /* RINGD_END_* once closing */
-    uint8_t abortive;       /* close with RST */
     uint8_t tries;          /* servers tried: tried[0 .. tries) */
     uint8_t srv_counted;    /* counted in the server's active connections */
     uint16_t listener;

@@ -1,0 +1,147 @@
+"""Connections that ringd ends before their peers do: the idle timeout must
+only end connections where nothing moves, and every cut (idle timeout,
+drain deadline) must reach both peers as a reset, never as a FIN that an
+EOF-delimited protocol would read as a complete transfer. Both ring modes,
+side by side."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import socket
+import struct
+import threading
+import time
+
+from harness import Backend, Ringd, connect, free_ports, listener, upstream, wait_for
+from backend import pattern
+
+MODES = {"sqpoll": "true", "defer_taskrun": "false"}
+
+
+def _both_modes(fn, variants=("",)):
+    """Run fn(name, sqpoll_value, variant) for both ring modes (and each
+    variant) at once; re-raise the first failure."""
+    runs = {(m, v): (sq, v) for m, sq in MODES.items() for v in variants}
+    with cf.ThreadPoolExecutor(len(runs)) as ex:
+        futures = {k: ex.submit(fn, "-".join(x for x in k if x).replace(" ", ""), *a)
+                   for k, a in runs.items()}
+        return {k: f.result(timeout=120) for k, f in futures.items()}
+
+
+class SlowRead:
+    """Reads `chunk` bytes every `interval` seconds (after `fast_after`
+    seconds: as fast as it can), until EOF, a reset or `limit` seconds."""
+
+    def __init__(self, sock: socket.socket, chunk: int = 4096, interval: float = 0.05,
+                 fast_after: float = 1e9, limit: float = 60):
+        self.sock, self.chunk, self.interval = sock, chunk, interval
+        self.fast_after, self.limit = fast_after, limit
+        self.data = bytearray()
+        self.end = ""
+        self.seconds = 0.0
+
+    def run(self) -> "SlowRead":
+        t0 = time.monotonic()
+        self.sock.settimeout(5)
+        while True:
+            elapsed = time.monotonic() - t0
+            if elapsed > self.limit:
+                self.end = "limit"
+                break
+            fast = elapsed > self.fast_after
+            try:
+                got = self.sock.recv(1 << 20 if fast else self.chunk)
+            except ConnectionResetError:
+                self.end = "reset"
+                break
+            except socket.timeout:
+                continue
+            if not got:
+                self.end = "eof"
+                break
+            self.data += got
+            if not fast:
+                time.sleep(self.interval)
+        self.seconds = time.monotonic() - t0
+        return self
+
+
+def _download(port: int, n: int) -> socket.socket:
+    """A duplex-backend download of n bytes: the client sends the count and
+    nothing else (half-close), the backend sends n bytes then the SHA-256 of
+    what it read (of nothing) and closes."""
+    s = connect(port, timeout=10)
+    s.sendall(struct.pack("!Q", n))
+    s.shutdown(socket.SHUT_WR)
+    return s
+
+
+def test_idle_timeout_resets_both_peers(tmp_path):
+    """A connection where nothing moves is closed at the idle timeout with a
+    reset on both sides: the client's and the server's recv fail."""
+
+    def run(mode, sqpoll, _):
+        port = free_ports(1)[0]
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n"
+                + listener("web", port, "app", idle_timeout="600ms")
+                + upstream("app", [f"127.0.0.1:{srv.getsockname()[1]}"]))
+        with srv, Ringd(tmp_path / mode, conf, workers=1) as r:
+            with connect(port) as c:
+                c.sendall(b"x")
+                srv.settimeout(5)
+                b, _ = srv.accept()
+                with b:
+                    b.settimeout(5)
+                    assert b.recv(1) == b"x"
+                    b.sendall(b"y")
+                    assert c.recv(1) == b"y"
+                    t0 = time.monotonic()
+                    c.settimeout(5)
+                    try:
+                        got = c.recv(1)
+                    except ConnectionResetError:
+                        got = None
+                    took = time.monotonic() - t0
+                    assert got is None, f"{mode}: the client got {got!r} (EOF), not a reset"
+                    assert 0.55 < took < 3.0, (mode, took)
+                    try:
+                        bgot = b.recv(1)
+                    except ConnectionResetError:
+                        bgot = None
+                    assert bgot is None, f"{mode}: the server got {bgot!r} (EOF), not a reset"
+            wait_for(lambda: r.status()["workers"][0]["active"] == 0, 5, what="closed")
+            r.assert_no_traceback()
+
+    _both_modes(run)
+
+
+def test_drain_deadline_cut_is_a_reset(tmp_path):
+    """drain_timeout = 2s and a reload during a slow download: at the
+    deadline the old worker cuts the download, and the client must see a
+    reset (after whatever was already on its way), never a clean EOF."""
+    n = 100 << 20
+
+    def run(mode, sqpoll, _):
+        bport, port = free_ports(2)
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app")
+                + upstream("app", [f"127.0.0.1:{bport}"]))
+        with Backend("duplex", [bport]), \
+                Ringd(tmp_path / mode, conf, workers=1,
+                      extra_ringd='drain_timeout = "2s"\n') as r:
+            with _download(port, n) as s:
+                rd = SlowRead(s, fast_after=6, limit=30)
+                t = threading.Thread(target=rd.run)
+                t.start()
+                wait_for(lambda: len(rd.data) > 65536, 10, what="download under way")
+                res = r.cli("reload", "-c", str(r.conf))
+                assert res.returncode == 0, res.stderr
+                r.wait_event("worker_closed_connections", timeout=10, closed=1, gen=1)
+                t.join(40)
+            assert rd.end == "reset", (mode, rd.end, len(rd.data))
+            assert len(rd.data) < n
+            r.assert_no_traceback()
+
+    _both_modes(run)
