@@ -75,47 +75,6 @@ static inline struct ringd_listener_stats *lstats_of(struct worker *w, struct co
     return &w->cfg->lstats[c->listener];
 }
 
-/* ------------------------------------------------------------ idle list */
-
-static void lru_unlink(struct conn *c)
-{
-    if (c->lru_prev) {
-        c->lru_prev->lru_next = c->lru_next;
-        c->lru_next->lru_prev = c->lru_prev;
-        c->lru_prev = c->lru_next = NULL;
-    }
-}
-
-void lru_touch(struct worker *w, struct conn *c)
-{
-    struct conn *head = &w->ls[c->listener].lru_head;
-
-    c->last_ms = w->now_ms;
-    if (head->lru_prev == c)
-        return;               /* already the newest */
-    lru_unlink(c);
-    c->lru_prev = head->lru_prev;
-    c->lru_next = head;
-    head->lru_prev->lru_next = c;
-    head->lru_prev = c;
-}
-
-void conn_expire_idle(struct worker *w)
-{
-    for (uint32_t li = 0; li < w->cfg->nlisteners; li++) {
-        struct conn *head = &w->ls[li].lru_head;
-        uint64_t limit = w->cfg->listeners[li].idle_timeout_ms;
-        struct conn *c = head->lru_next;
-
-        while (c != head && w->now_ms - c->last_ms >= limit) {
-            struct conn *next = c->lru_next;
-            lru_unlink(c);      /* closing conns leave the list for good */
-            conn_close(w, c, RINGD_END_TIMEOUT, ETIMEDOUT);
-            c = next;
-        }
-    }
-}
-
 /* ------------------------------------------------------------ start */
 
 void conn_start(struct worker *w, uint32_t li, int cfd)

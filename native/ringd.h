@@ -117,9 +117,11 @@ struct conn {
     uint32_t tried[RINGD_MAX_TRIES];   /* server indexes, in order */
     struct dir d[2];
     uint64_t last_ms;       /* monotonic ms of last activity */
+    uint64_t kbase;         /* idle.c: bytes the kernel had moved at kbase_ms */
+    uint64_t kbase_ms;
     uint64_t start_ns;      /* realtime, for the access log */
     uint64_t start_mono_us;
-    struct conn *lru_prev, *lru_next;   /* per-listener idle list, oldest first */
+    struct conn *lru_prev, *lru_next;   /* per-listener idle or probe list (idle.c) */
     uint32_t next_free;
     uint8_t client[RINGD_ADDR_MAX];
     uint32_t client_len;
@@ -144,7 +146,8 @@ struct listener_rt {
     uint64_t resume_at_ms;  /* for fd shortages: retry time */
     struct __kernel_timespec connect_ts;   /* linked timeout of connects */
     uint32_t active;
-    struct conn lru_head;   /* sentinel of the idle list */
+    struct conn lru_head;   /* sentinel of the idle list (idle.c) */
+    struct conn probe_head; /* sentinel of the probe list (idle.c) */
 };
 
 struct upstream_rt {
@@ -307,9 +310,12 @@ void conn_start(struct worker *w, uint32_t li, int cfd);
 void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
+void conn_retry_recv(struct worker *w, uint64_t token);
+
+/* idle.c */
 void conn_expire_idle(struct worker *w);
 void lru_touch(struct worker *w, struct conn *c);
-void conn_retry_recv(struct worker *w, uint64_t token);
+void lru_unlink(struct conn *c);
 
 /* balance.c */
 int balance_init(struct worker *w);

@@ -234,6 +234,7 @@ static int worker_alloc(struct worker *w)
         struct listener_rt *l = &w->ls[li];
         uint32_t ms = cfg->listeners[li].connect_timeout_ms;
         l->lru_head.lru_next = l->lru_head.lru_prev = &l->lru_head;
+        l->probe_head.lru_next = l->probe_head.lru_prev = &l->probe_head;
         l->connect_ts.tv_sec = ms / 1000;
         l->connect_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
     }

@@ -76,6 +76,71 @@ def _download(port: int, n: int) -> socket.socket:
     return s
 
 
+# (reading pace: seconds between 4 KiB reads, [ring] lines)
+SLOW_READERS = {
+    "80KBps": (0.05, ""),
+    "20KBps": (0.2, ""),
+    "80KBps-lowat0": (0.05, "notsent_lowat = 0"),
+}
+
+
+def test_slow_readers_outlive_the_idle_timeout(tmp_path):
+    """idle_timeout = 3s and clients reading 4 KiB every 50 ms (~80 KB/s) or
+    every 200 ms (~20 KB/s) for 10 s, then as fast as they can. The kernel
+    keeps sending from ringd's socket long after ringd's last write: the
+    socket stays unwritable under notsent_lowat (or, with notsent_lowat = 0,
+    until a third of the whole send buffer is free) for seconds at a time.
+    That is progress, not idleness. The download is larger than every buffer
+    on the way, so ringd is in the middle of it the whole time. Every byte
+    arrives, then the EOF."""
+    n = 32 << 20
+
+    def run(name, sqpoll, reader):
+        interval, ring = SLOW_READERS[reader]
+        bport, port = free_ports(2)
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n{ring}\n"
+                + listener("web", port, "app", idle_timeout="3s", access_log=True)
+                + upstream("app", [f"127.0.0.1:{bport}"]))
+        with Backend("duplex", [bport]), Ringd(tmp_path / name, conf, workers=1) as r:
+            with _download(port, n) as s:
+                rd = SlowRead(s, interval=interval, fast_after=10, limit=60).run()
+            assert rd.end == "eof", (name, rd.end, len(rd.data), rd.seconds)
+            assert len(rd.data) == n + 32, (name, len(rd.data))
+            assert hashlib.sha256(rd.data[:n]).digest() == \
+                hashlib.sha256(pattern(n, seed=n)).digest(), name
+            [ev] = r.wait_event("access", timeout=10)
+            assert ev["end"] == "done", (name, ev)
+            r.assert_no_traceback()
+
+    _both_modes(run, variants=tuple(SLOW_READERS))
+
+
+def test_a_reader_that_stops_is_reset_at_the_idle_timeout(tmp_path):
+    """The other side of the progress check: a client that stops reading
+    lets the buffers fill, then nothing moves (its zero window acknowledges
+    nothing new), and the idle timeout resets the download."""
+
+    def run(name, sqpoll, _):
+        bport, port = free_ports(2)
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n"
+                + listener("web", port, "app", idle_timeout="1s", access_log=True)
+                + upstream("app", [f"127.0.0.1:{bport}"]))
+        with Backend("duplex", [bport]), Ringd(tmp_path / name, conf, workers=1) as r:
+            with _download(port, 100 << 20) as s:
+                s.settimeout(5)
+                assert s.recv(4096)
+                t0 = time.monotonic()
+                [ev] = r.wait_event("access", timeout=15)
+                took = time.monotonic() - t0
+                assert ev["end"] == "timeout", (name, ev)
+                assert 1.0 < took < 6.0, (name, took)
+                rd = SlowRead(s, fast_after=0, limit=20).run()
+                assert rd.end == "reset", (name, rd.end, len(rd.data))
+            r.assert_no_traceback()
+
+    _both_modes(run)
+
+
 def test_idle_timeout_resets_both_peers(tmp_path):
     """A connection where nothing moves is closed at the idle timeout with a
     reset on both sides: the client's and the server's recv fail."""
