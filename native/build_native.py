@@ -9,8 +9,8 @@ import subprocess
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["ring.c", "listener.c", "conn.c", "idle.c", "pipes.c", "bufring.c", "balance.c",
-           "control.c", "worker.c", "tls_hello.c", "proxy_recv.c"]
+SOURCES = ["ring.c", "listener.c", "conn.c", "idle.c", "writable.c", "pipes.c", "bufring.c",
+           "balance.c", "control.c", "worker.c", "tls_hello.c", "proxy_recv.c"]
 
 
 def _liburing_version():

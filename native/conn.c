@@ -431,6 +431,15 @@ static void sqe_poll(struct worker *w, struct conn *c, unsigned i, int fd, unsig
 
 static void splice_pump(struct worker *w, struct conn *c, unsigned i);
 
+/* Has the peer of direction i's destination half-closed? Then io_uring
+ * cannot wait for that socket to take more (writable.c). The other
+ * direction's source is this one's destination; a poll that came back
+ * with RDHUP and no POLLOUT tells it before that direction reads the EOF. */
+static bool dst_half_closed(struct conn *c, unsigned i)
+{
+    return (c->d[i].flags & DF_NO_POLLOUT) || (c->d[1 - i].flags & DF_EOF);
+}
+
 static void dir_read(struct worker *w, struct conn *c, unsigned i)
 {
     struct dir *d = &c->d[i];
@@ -482,8 +491,10 @@ static void dir_write(struct worker *w, struct conn *c, unsigned i)
 
     if (d->flags & (DF_OUT_BUSY | DF_SHUT) || d->buf_len <= d->buf_off)
         return;
+    /* to a half-closed peer: -EAGAIN rather than a blocked io-wq thread */
+    int flags = MSG_NOSIGNAL | (dst_half_closed(c, i) ? MSG_DONTWAIT : 0);
     struct io_uring_sqe *sqe = get_sqe(w);
-    io_uring_prep_send(sqe, d->dst, d->buf + d->buf_off, d->buf_len - d->buf_off, MSG_NOSIGNAL);
+    io_uring_prep_send(sqe, d->dst, d->buf + d->buf_off, d->buf_len - d->buf_off, flags);
     io_uring_sqe_set_data64(sqe, ud(w, c, OP_SEND, i));
     d->flags |= DF_OUT_BUSY;
     c->inflight++;
@@ -524,6 +535,36 @@ static void dir_copy_done(struct worker *w, struct conn *c, unsigned i)
         dir_buf_release(w, d);
     }
     dir_read(w, c, i);
+}
+
+/* The destination is full: wait until it takes more. */
+static void wait_dst(struct worker *w, struct conn *c, unsigned i)
+{
+    if (dst_half_closed(c, i)) {
+        int err = writable_wait(w, c, i, ud(w, c, OP_POLL_OUT, i));
+        if (err < 0)
+            conn_close(w, c, RINGD_END_RESOURCE, -err);
+        return;
+    }
+    sqe_poll(w, c, i, c->d[i].dst, POLLOUT, OP_POLL_OUT);
+    c->d[i].flags |= DF_OUT_BUSY;
+}
+
+/* writable.c: the destination a direction waited for takes more. */
+void conn_writable(struct worker *w, uint64_t token)
+{
+    uint32_t slot = ud_slot(token);
+    if (slot >= w->nconns)
+        return;
+    struct conn *c = &w->conns[slot];
+    unsigned i = ud_dir(token);
+    if (c->state != CS_FORWARDING || c->gen != ud_gen(token) || !(c->d[i].flags & DF_OUT_EPOLL))
+        return;
+    c->d[i].flags &= ~(DF_OUT_EPOLL | DF_OUT_BUSY);
+    if (c->d[i].mode == DM_SPLICE)
+        splice_pump(w, c, i);
+    else
+        dir_write(w, c, i);
 }
 
 /*
@@ -626,8 +667,9 @@ static void splice_pump(struct worker *w, struct conn *c, unsigned i)
         /* bytes left in the pipe: wait until the destination takes more
          * (at once if we only stopped for fairness) */
         if (!(d->flags & DF_OUT_BUSY)) {
-            sqe_poll(w, c, i, d->dst, POLLOUT, OP_POLL_OUT);
-            d->flags |= DF_OUT_BUSY;
+            wait_dst(w, c, i);
+            if (c->state != CS_FORWARDING)
+                return;
         }
     } else {
         /* nothing in flight: the pipe goes back to the pool, even while a
@@ -674,6 +716,8 @@ static void on_poll_out(struct worker *w, struct conn *c, unsigned i, int res)
         conn_close(w, c, RINGD_END_RESET, -res);
         return;
     }
+    if (!(res & POLLOUT) && (res & (POLLRDHUP | POLLHUP)))
+        d->flags |= DF_NO_POLLOUT;
     splice_pump(w, c, i);
 }
 
@@ -756,6 +800,10 @@ static void on_send(struct worker *w, struct conn *c, unsigned i, int res)
             return;
         }
         dir_copy_done(w, c, i);
+        return;
+    }
+    if (res == -EAGAIN && dst_half_closed(c, i)) {
+        wait_dst(w, c, i);
         return;
     }
     if (res == -EAGAIN || res == -EINTR || res == 0) {

@@ -43,6 +43,7 @@ enum op {
     OP_HDR_SEND,        /* PROXY protocol header to the server */
     OP_CANCEL,          /* a cancel request's own completion */
     OP_NOP,
+    OP_EPOLL,           /* the worker's epoll set is ready (writable.c) */
 };
 
 /* bits 56..63 op, bit 55 direction, bits 32..54 slot generation, 0..31 slot */
@@ -81,6 +82,9 @@ enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
 #define DF_BARE_POLL 0x40   /* copy mode without a buffer ring: a poll, no buffer held */
 #define DF_FULL_READ 0x80   /* copy mode: the last recv filled the buffer */
 #define DF_POLL_FIRST 0x100 /* copy mode: the source is probably drained, poll first */
+#define DF_NO_POLLOUT 0x200 /* the destination's peer half-closed: no POLL_ADD(POLLOUT) (writable.c) */
+#define DF_OUT_EPOLL 0x400  /* waiting for the destination in the epoll set, not in the ring */
+#define DF_EPOLL_ADDED 0x800 /* the destination is registered in the epoll set */
 
 struct pipe_ref {
     int rfd, wfd;
@@ -222,6 +226,10 @@ struct worker {
     uint64_t *br_wait;      /* recvs that found the ring empty (user_data tokens) */
     uint32_t br_nwait, br_wait_cap;
 
+    /* writable.c: epoll set for destinations io_uring cannot poll */
+    int epfd;
+    bool ep_armed;
+
     /* control channel */
     int ctrl_fd;
     struct ringd_cmd ctrl_buf[4];
@@ -311,11 +319,18 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
 void conn_retry_recv(struct worker *w, uint64_t token);
+void conn_writable(struct worker *w, uint64_t token);
 
 /* idle.c */
 void conn_expire_idle(struct worker *w);
 void lru_touch(struct worker *w, struct conn *c);
 void lru_unlink(struct conn *c);
+
+/* writable.c */
+int writable_setup(struct worker *w);
+void writable_free(struct worker *w);
+int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token);
+void writable_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 
 /* balance.c */
 int balance_init(struct worker *w);

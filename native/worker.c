@@ -163,6 +163,9 @@ static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
     case OP_TICK:
         on_tick(w);
         break;
+    case OP_EPOLL:
+        writable_on_cqe(w, cqe);
+        break;
     case OP_ACCEPT_CANCEL:
     case OP_CANCEL:
     case OP_NOP:
@@ -250,6 +253,9 @@ static int worker_alloc(struct worker *w)
     }
     if (balance_init(w) < 0)
         return -ENOMEM;
+    int err = writable_setup(w);
+    if (err < 0)
+        return err;
 
     struct rlimit rl;
     int64_t soft = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? (int64_t)rl.rlim_cur : 1024;
@@ -260,6 +266,7 @@ static int worker_alloc(struct worker *w)
 
 static void worker_free(struct worker *w)
 {
+    writable_free(w);
     pipe_pool_drain(w);
     buf_pool_drain(w);
     balance_free(w);
@@ -279,6 +286,7 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     memset(&w, 0, sizeof(w));
     w.cfg = cfg;
     w.ctrl_fd = cfg->control_fd;
+    w.epfd = -1;
     w.pipe_size = cfg->pipe_size ? cfg->pipe_size : 1048576;
     w.rng = (uint32_t)getpid() * 2654435761u | 1u;
     w.now_ms = mono_ms();
