@@ -413,10 +413,15 @@ static void dir_shut(struct worker *w, struct conn *c, unsigned i)
     if (d->flags & DF_SHUT)
         return;
     d->flags |= DF_SHUT;
-    shutdown(d->dst, SHUT_WR);
+    bool last = (c->d[1 - i].flags & DF_SHUT) != 0;
+    /* The last FIN goes out with the close that follows at once: both
+     * sockets were read to their EOF, so close() sends a FIN, not a reset
+     * (and with operations still in flight conn_close shuts both down). */
+    if (!last)
+        shutdown(d->dst, SHUT_WR);
     pipe_put(w, &d->pipe, d->in_pipe > 0);
     dir_buf_release(w, d);
-    if ((c->d[0].flags & DF_SHUT) && (c->d[1].flags & DF_SHUT))
+    if (last)
         conn_close(w, c, RINGD_END_DONE, 0);
 }
 
@@ -885,6 +890,7 @@ static void cancel_op(struct worker *w, struct conn *c, enum op op, unsigned dir
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_cancel64(sqe, ud(w, c, op, dir), 0);
     io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
+    sqe_quiet(w, sqe);
 }
 
 void conn_close(struct worker *w, struct conn *c, int reason, int err)
@@ -976,11 +982,19 @@ static void access_log(struct worker *w, struct conn *c)
     __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
 }
 
+/* Closes go through the ring (batched with the next submission) and, where
+ * the kernel can skip it, post no completion unless they fail. There is no
+ * IORING_OP_SHUTDOWN linked in front: the kernel always runs that op on an
+ * io-wq thread (REQ_F_FORCE_ASYNC; a worker thread appears on the first
+ * one), so the FIN of a direction is a plain shutdown(2) at the moment it
+ * is due (dir_shut), which costs one syscall and no completion, and the
+ * last FIN rides on the close itself. */
 static void sqe_close(struct worker *w, int fd)
 {
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_close(sqe, fd);
     io_uring_sqe_set_data64(sqe, ud_make(OP_NOP, 0, 0, 0));
+    sqe_quiet(w, sqe);
 }
 
 static void conn_maybe_free(struct worker *w, struct conn *c)

@@ -67,6 +67,7 @@ static int try_init(struct worker *w, uint32_t mode, uint32_t flags, unsigned en
         w->ring_mode = mode;
         w->ring_flags = p.flags;
         w->ring_ok = true;
+        w->cqe_skip = (w->ring.features & IORING_FEAT_CQE_SKIP) != 0;
     }
     return ret;
 }
@@ -97,6 +98,14 @@ int ring_setup(struct worker *w)
             return ret;   /* stepping down will not help with a shortage */
     }
     return ret;
+}
+
+/* Operations whose success needs no handling (closes, cancels) post a
+ * completion only when they fail, where the kernel can skip it. */
+void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe)
+{
+    if (w->cqe_skip)
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
 }
 
 /* An SQE, submitting what is queued if the SQ ring is full. */

@@ -166,6 +166,7 @@ struct worker {
     struct io_uring ring;
     bool ring_ok;
     uint32_t ring_mode, ring_flags;
+    bool cqe_skip;          /* IOSQE_CQE_SKIP_SUCCESS works (5.17+, IORING_FEAT_CQE_SKIP) */
 
     struct conn *conns;
     uint32_t nconns;
@@ -263,6 +264,7 @@ struct worker {
 /* ring.c */
 int ring_setup(struct worker *w);
 struct io_uring_sqe *get_sqe(struct worker *w);
+void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe);
 uint64_t mono_ms(void);
 uint64_t mono_us(void);
 uint64_t real_ns(void);
