@@ -33,9 +33,10 @@ class SlowRead:
     seconds: as fast as it can), until EOF, a reset or `limit` seconds."""
 
     def __init__(self, sock: socket.socket, chunk: int = 4096, interval: float = 0.05,
-                 fast_after: float = 1e9, limit: float = 60):
+                 fast_after: float = 1e9, limit: float = 60, shut_after: int | None = None):
         self.sock, self.chunk, self.interval = sock, chunk, interval
         self.fast_after, self.limit = fast_after, limit
+        self.shut_after = shut_after     # half-close once this many bytes arrived
         self.data = bytearray()
         self.end = ""
         self.seconds = 0.0
@@ -60,52 +61,65 @@ class SlowRead:
                 self.end = "eof"
                 break
             self.data += got
+            if self.shut_after is not None and len(self.data) >= self.shut_after:
+                self.shut_after = None
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass      # reset meanwhile: the next recv says so
             if not fast:
                 time.sleep(self.interval)
         self.seconds = time.monotonic() - t0
         return self
 
 
-def _download(port: int, n: int) -> socket.socket:
-    """A duplex-backend download of n bytes: the client sends the count and
-    nothing else (half-close), the backend sends n bytes then the SHA-256 of
-    what it read (of nothing) and closes."""
+def _download(port: int, n: int, halfclose: bool = True) -> socket.socket:
+    """A duplex-backend download of n bytes: the client sends the count (and,
+    with halfclose, its EOF at once), the backend sends n bytes, then, once
+    the client's EOF came, the SHA-256 of what it read (of nothing) and
+    closes."""
     s = connect(port, timeout=10)
     s.sendall(struct.pack("!Q", n))
-    s.shutdown(socket.SHUT_WR)
+    if halfclose:
+        s.shutdown(socket.SHUT_WR)
     return s
 
 
-# (reading pace: seconds between 4 KiB reads, [ring] lines)
+# client behaviour: (half-close at once, [ring] lines)
 SLOW_READERS = {
-    "80KBps": (0.05, ""),
-    "20KBps": (0.2, ""),
-    "80KBps-lowat0": (0.05, "notsent_lowat = 0"),
+    "open": (False, ""),
+    "open-lowat0": (False, "notsent_lowat = 0"),
+    "halfclosed": (True, ""),
 }
 
 
 def test_slow_readers_outlive_the_idle_timeout(tmp_path):
-    """idle_timeout = 3s and clients reading 4 KiB every 50 ms (~80 KB/s) or
-    every 200 ms (~20 KB/s) for 10 s, then as fast as they can. The kernel
-    keeps sending from ringd's socket long after ringd's last write: the
-    socket stays unwritable under notsent_lowat (or, with notsent_lowat = 0,
-    until a third of the whole send buffer is free) for seconds at a time.
-    That is progress, not idleness. The download is larger than every buffer
-    on the way, so ringd is in the middle of it the whole time. Every byte
-    arrives, then the EOF."""
+    """idle_timeout = 3s and clients reading 4 KiB every 50 ms (~80 KB/s)
+    for 10 s, then as fast as they can. The kernel keeps sending from ringd's
+    socket long after ringd's last write: the socket stays unwritable under
+    notsent_lowat (with notsent_lowat = 0, until a third of the whole send
+    buffer is free: many seconds at that pace). That is progress, not
+    idleness. The download is larger than every buffer on the way, so ringd
+    is in the middle of it the whole time. Every byte arrives, then the EOF.
+    Clients that keep their side open, and one that half-closed at once."""
     n = 32 << 20
 
     def run(name, sqpoll, reader):
-        interval, ring = SLOW_READERS[reader]
+        halfclose, ring = SLOW_READERS[reader]
         bport, port = free_ports(2)
         conf = (f"[ring]\nsqpoll = {sqpoll}\n{ring}\n"
                 + listener("web", port, "app", idle_timeout="3s", access_log=True)
                 + upstream("app", [f"127.0.0.1:{bport}"]))
         with Backend("duplex", [bport]), Ringd(tmp_path / name, conf, workers=1) as r:
-            with _download(port, n) as s:
-                rd = SlowRead(s, interval=interval, fast_after=10, limit=60).run()
-            assert rd.end == "eof", (name, rd.end, len(rd.data), rd.seconds)
-            assert len(rd.data) == n + 32, (name, len(rd.data))
+            with _download(port, n, halfclose=halfclose) as s:
+                rd = SlowRead(s, fast_after=10, limit=60, shut_after=None if halfclose else n)
+                rd.run()
+            assert rd.end == "eof", (name, rd.end, len(rd.data), rd.seconds,
+                                     [(e["end"], e["duration_ms"], e["bytes_out"])
+                                      for e in r.wait_event("access", timeout=5)])
+            assert len(rd.data) == n + 32, (name, len(rd.data), rd.seconds, [
+                (e["event"], e.get("status"), e.get("reason")) for e in r.log_lines()
+                if e.get("level") in ("warning", "error")])
             assert hashlib.sha256(rd.data[:n]).digest() == \
                 hashlib.sha256(pattern(n, seed=n)).digest(), name
             [ev] = r.wait_event("access", timeout=10)
