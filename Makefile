@@ -14,7 +14,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
-SOURCES := $(wildcard supervisor/*.py worker/*.py native/*.c native/*.h native/*.py) \
+SOURCES := $(wildcard supervisor/*.py supervisor/config/*.py worker/*.py native/*.c native/*.h native/*.py) \
            pyproject.toml setup.py
 
 .PHONY: run test fuzz cluster-test cluster-deps deps venv bench bench-profile bench-deps deb deb-test clean

@@ -15,6 +15,7 @@ DEFAULT_SOCKET = "/run/ringd/ringd.sock"
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import MAX_WEIGHT
     p = argparse.ArgumentParser(prog="ringd", description="TCP reverse proxy on io_uring")
     p.add_argument("--version", action="version", version=f"ringd {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("target", metavar="UPSTREAM/SERVER",
                     help='e.g. app/10.0.0.11:8080 (the server as written in the file)')
     sp.add_argument("action", choices=["drain", "maint", "ready", "weight"])
-    sp.add_argument("weight", nargs="?", type=int, help="for weight: 0..256")
+    sp.add_argument("weight", nargs="?", type=int, help=f"for weight: 0..{MAX_WEIGHT}")
     sp = sub.add_parser("drain", help="lame duck: /healthz 503 now, keep accepting for --after, "
                                       "then stop accepting, drain and exit")
     common(sp)
@@ -241,9 +242,9 @@ def cmd_stop(args) -> int:
         print(f"sent {'SIGTERM' if args.now else 'SIGQUIT'} to {pid}")
         return 0
     drain = _peek(args.config).get("drain_timeout", "30s")
-    from .config import _parse_duration
+    from .config import parse_duration
     try:
-        limit = (_parse_duration(str(drain)) or 30.0) + 15.0
+        limit = (parse_duration(str(drain)) or 30.0) + 15.0
     except Exception:
         limit = 45.0
     wait = 10.0 if args.now else limit
@@ -260,8 +261,8 @@ def cmd_stop(args) -> int:
 def cmd_drain(args) -> int:
     payload = {"cmd": "drain"}
     if args.after is not None:
-        from .config import _parse_duration
-        after = _parse_duration(args.after)
+        from .config import parse_duration
+        after = parse_duration(args.after)
         if after is None:
             _err(f'--after: expected a duration such as "10s" or "500ms", got "{args.after}"')
             return 2

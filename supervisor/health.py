@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import log
-from .config import HealthCheck
+from .config import MAX_WEIGHT, HealthCheck
 from .native import lib
 from .states import AdminState, Health, ServerState, Transition, effective_state, transition
 
@@ -51,7 +51,6 @@ assert [int(s) for s in (ServerState.UP, ServerState.DOWN, ServerState.DRAIN,
 REPLY_LIMIT = 16384         # expect_regex: give up (unexpected reply) past this many bytes
 GEN_WATCH_PERIOD = 0.02     # how often to look for a generation the master just created
 STOP_TIMEOUT = 2.0
-MAX_WEIGHT = 256            # as in the config
 
 Key = tuple[str, str]       # (upstream name, server name)
 
@@ -285,7 +284,7 @@ class HealthChecker:
     API for runtime admin commands (all synchronous, call from the master loop):
       lookup("UP/SRV") / record(upstream, server) -> ServerRecord  (KeyError)
       set_admin(upstream, server, "ready" | "drain" | "maint")      -> ServerRecord
-      set_weight(upstream, server, N | None)   N in 0..256, None = the config's
+      set_weight(upstream, server, N | None)   N in 0..MAX_WEIGHT, None = the config's
       snapshot() -> list of dicts (status), counts -> Counter of transitions
     """
 

@@ -18,8 +18,10 @@ def _import_config():
     try:
         import ringd.config as module  # installed package
     except ImportError:
+        package = ROOT / "supervisor" / "config"
         spec = importlib.util.spec_from_file_location(
-            "ringd_config_under_test", ROOT / "supervisor" / "config.py"
+            "ringd_config_under_test", package / "__init__.py",
+            submodule_search_locations=[str(package)],
         )
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look the module up while building
@@ -102,6 +104,76 @@ def test_example_config_documents_every_key():
     assert re.search(r'^\s*"127\.0\.0\.1:9001",', text, re.M)
     assert re.search(r"^\s*\{ address = ", text, re.M)
     assert "[upstream.app.health]" in text
+
+
+# The tables as conf/ringd.toml and ringd.toml(5) head them -> the keys the
+# model gives them. An upstream's `health` is a table of its own; its servers'
+# keys are documented with the upstream.
+def _model_tables() -> dict[str, set[str]]:
+    return {
+        "[ringd]": set(cfg.RINGD_KEYS),
+        "[ring]": set(cfg.RING_KEYS),
+        "[admin]": set(cfg.ADMIN_KEYS),
+        "[[listener]]": set(cfg.LISTENER_KEYS),
+        "[upstream.NAME]": (set(cfg.UPSTREAM_KEYS) - {"health"}) | set(cfg.SERVER_KEYS),
+        "[upstream.NAME.health]": set(cfg.HEALTH_KEYS),
+    }
+
+
+def test_every_model_key_has_a_converter_default_and_doc():
+    for cls in (cfg.RingdSettings, cfg.RingSettings, cfg.AdminSettings, cfg.Listener,
+                cfg.Upstream, cfg.Server, cfg.HealthCheck):
+        fields = cfg.model.key_fields(cls)
+        assert fields, cls
+        for f in fields:
+            assert f.metadata["doc"], f"{cls.__name__}.{f.name} has no doc"
+            nested = f.name in ("servers", "health")
+            assert (f.metadata["convert"] is None) == nested, f"{cls.__name__}.{f.name}"
+            has_default = f.default is not dataclasses.MISSING
+            assert has_default or f.metadata["required"] or f.name == "workers", f.name
+
+
+def test_example_config_documents_exactly_the_model_keys():
+    """conf/ringd.toml shows every key of the model (set or commented out,
+    each under a comment) and no key the model does not have."""
+    heads = {"[ringd]": "[ringd]", "[ring]": "[ring]", "[admin]": "[admin]",
+             "[[listener]]": "[[listener]]", "[upstream.app]": "[upstream.NAME]",
+             "[upstream.app.health]": "[upstream.NAME.health]"}
+    found: dict[str, set[str]] = {}
+    section = None
+    lines = (ROOT / "conf" / "ringd.toml").read_text().splitlines()
+    key_line = re.compile(r"(?:# )?([a-z_]+) = ")
+    for number, line in enumerate(lines):
+        if line.startswith("["):
+            section = heads[line.strip()]
+            continue
+        match = key_line.match(line)
+        server_key = re.match(r"#   ([a-z_]+)\s{2,}\S", line)   # the servers' key list
+        if section is None or not (match or server_key):
+            continue
+        found.setdefault(section, set()).add((match or server_key).group(1))
+        if match:
+            above = lines[number - 1]
+            assert above.startswith("#") and not key_line.match(above), \
+                f"conf/ringd.toml:{number + 1}: {line!r} has no comment of its own"
+    assert found == _model_tables()
+
+
+def test_man_page_documents_exactly_the_model_keys():
+    """ringd.toml(5) has an entry (.TP/.TQ, then the key) for every key of the
+    model, in the section of its table, and none the model does not have."""
+    found: dict[str, set[str]] = {}
+    section = None
+    previous = ""
+    for line in (ROOT / "packaging" / "man" / "ringd.toml.5").read_text().splitlines():
+        if line.startswith(".SH "):
+            section = line[4:].split(":")[0].strip()
+        elif previous in (".TP", ".TQ") and section in _model_tables():
+            match = re.match(r'\.B[IR] +"?([a-z_]+)"? *"? *=', line)
+            if match:
+                found.setdefault(section, set()).add(match.group(1))
+        previous = line.strip()
+    assert found == _model_tables()
 
 
 def test_demo_config():
@@ -235,6 +307,33 @@ def test_sizes(text, size):
 def test_bad_sizes(value):
     issue = one_issue(edit("entries = 4096", f"splice_threshold = {value}"))
     assert (issue.path, issue.line) == ("ring.splice_threshold", 4)
+
+
+@pytest.mark.parametrize("text, network", [
+    ("10.0.0.0/8", "10.0.0.0/8"),
+    ("192.0.2.7", "192.0.2.7/32"),
+    (" 192.0.2.0/24 ", "192.0.2.0/24"),
+    ("2001:db8::/32", "2001:db8::/32"),
+    ("::1", "::1/128"),
+    ("0.0.0.0/0", "0.0.0.0/0"),
+])
+def test_cidr_converter(text, network):
+    # for allow/deny lists: not a key yet, so the converter is tested alone
+    assert str(cfg.values.cidr(text)) == network
+
+
+@pytest.mark.parametrize("value, message", [
+    ("10.1.2.3/8", '"10.1.2.3/8" has host bits set (the network is "10.0.0.0/8")'),
+    ("10.0.0.0/33", 'invalid network "10.0.0.0/33": '),
+    ("example.com", 'invalid network "example.com": '),
+    ("", 'invalid network "": write it like "10.0.0.0/8" or "::1"'),
+    ("10.0.0.0 /8", 'invalid network "10.0.0.0 /8": write it like'),
+    (8, 'expected a network like "10.0.0.0/8" or an address, got the integer 8'),
+])
+def test_bad_cidrs(value, message):
+    with pytest.raises(cfg.values.Invalid) as info:
+        cfg.values.cidr(value)
+    assert str(info.value).startswith(message), str(info.value)
 
 
 def test_ipv6_and_wildcard_addresses():
