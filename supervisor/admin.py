@@ -63,7 +63,7 @@ class Admin:
         self.log = log.get()
         self.totals = Totals()
         self.registry = make_registry(master, self.totals,
-                                      lambda: {"health": master.health} if master.health else {})
+                                      lambda: {"servers": master.servers} if master.servers else {})
         self.server: asyncio.AbstractServer | None = None
         self.sock: socket.socket | None = None
         self.addr = None

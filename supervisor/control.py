@@ -114,17 +114,17 @@ class ControlServer:
     async def _server(self, req) -> dict:
         """{"cmd": "server", "server": "UPSTREAM/SERVER", "action": "drain"|"maint"|
         "ready"|"weight", "weight": N}"""
-        health = self.master.health
+        servers = self.master.servers
         target, action = req.get("server"), req.get("action")
         if not isinstance(target, str) or action not in ("drain", "maint", "ready", "weight"):
             return {"ok": False, "error": "usage: server UPSTREAM/SERVER drain|maint|ready|weight N"}
         try:
-            rec = health.lookup(target)
+            rec = servers.lookup(target)
             if action == "weight":
                 w = req.get("weight")
-                rec = health.set_weight(rec.upstream, rec.name, None if w is None else int(w))
+                rec = servers.set_weight(rec.upstream, rec.name, None if w is None else int(w))
             else:
-                rec = health.set_admin(rec.upstream, rec.name, action)
+                rec = servers.set_admin(rec.upstream, rec.name, action)
         except (KeyError, ValueError, TypeError) as e:
             msg = e.args[0] if e.args else str(e)
             return {"ok": False, "error": str(msg)}

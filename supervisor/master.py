@@ -117,8 +117,9 @@ class Master:
         self.pidfile: pidfile.Pidfile | None = None
         self.control = None       # ringd.control.ControlServer
         self.admin = None         # ringd.admin.Admin
-        self.health = None        # ringd.health.HealthChecker (server states)
-        self.extras: list = []    # components with start()/stop() (health, admin)
+        self.servers = None       # ringd.servers.ServerRegistry (server states)
+        self.health = None        # ringd.health.HealthChecker (active checks)
+        self.extras: list = []    # components with start()/stop() (servers, health, admin)
         self._pause_logged: dict[tuple, float] = {}
         # per listening address: (connections accepted, when that last changed)
         self._activity: dict[tuple, tuple[int, float]] = {}
@@ -183,6 +184,7 @@ class Master:
         from .accesslog import AccessLog
         from .admin import Admin
         from .health import HealthChecker
+        from .servers import ServerRegistry
         self.admin = Admin(self)
         try:
             self.admin.bind(self.config.admin.listen)
@@ -193,8 +195,9 @@ class Master:
             await self.control.stop()
             self.sockets.close_all()
             return 1
-        self.health = HealthChecker(self)
-        self.extras += [self.health, self.admin, AccessLog(self)]
+        self.servers = ServerRegistry(self)
+        self.health = HealthChecker(self, self.servers)
+        self.extras += [self.servers, self.health, self.admin, AccessLog(self)]
         gen = self._new_generation(self.config)
         ok, reason = await self._wait_ready(gen)
         if not ok:
@@ -274,8 +277,8 @@ class Master:
         gen.adopted = self._adoption(cfg)
         gen.socket_keys |= gen.adopted
         self.generations.append(gen)
-        if self.health is not None:
-            self.health.prepare_generation(gen)   # server states before any worker runs
+        if self.servers is not None:
+            self.servers.prepare_generation(gen)  # server states before any worker runs
         for slot, (cpu, sq_cpu) in enumerate(plan_cpus(cfg)):
             self._spawn(gen, slot, cpu, sq_cpu)
         return gen

@@ -142,9 +142,9 @@ class RingdCollector:
     def _servers(self):
         m = self.master
         records = {}
-        health = self.extra().get("health")
-        if health is not None:
-            for snap in health.snapshot():
+        servers = self.extra().get("servers")
+        if servers is not None:
+            for snap in servers.snapshot():
                 records[(snap["upstream"], snap["server"])] = snap
         srv = defaultdict(lambda: {"connections": 0, "failures": 0, "bytes_to": 0,
                                    "bytes_from": 0, "active": 0})

@@ -22,7 +22,7 @@ its own. They appear below as two named events so that logs and counters can
 use the same vocabulary.
 
 The numeric values of ``ServerState`` are the ``RINGD_SRV_*`` constants of
-native/ringd_api.h (checked by ringd.health at import time).
+native/ringd_api.h (checked by ringd.servers at import time).
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def collect(master) -> dict:
     servers = []
     gen = master.active
     records = {}
-    if master.health is not None:
-        records = {(r["upstream"], r["server"]): r for r in master.health.snapshot()}
+    if master.servers is not None:
+        records = {(r["upstream"], r["server"]): r for r in master.servers.snapshot()}
     if gen is not None:
         weights = {(u.name, srv.name): srv.weight for u in gen.config.upstreams
                    for srv in u.servers}

@@ -1,5 +1,6 @@
-"""Health checks: the state model, the checker's record keeping, single probes
-against real sockets, and end to end with a real ringd and real backends.
+"""Health checks: the state model, the server registry's record keeping, the
+checker's verdicts, single probes against real sockets, and end to end with a
+real ringd and real backends.
 
 End-to-end tests use short intervals (200-300 ms) and compare against the
 bounds the issue states (fall * interval + timeout + 1 s, rise checks), which
@@ -19,6 +20,7 @@ from harness import (Backend, Ringd, Traffic, backend_of, connect, free_ports, h
 from ringd import config as config_mod
 from ringd.config import HealthCheck
 from ringd.health import CheckFailed, CheckSpec, HealthChecker, probe
+from ringd.servers import ServerRegistry
 from ringd.native import SharedState, lib, server_table
 from ringd.states import (TRANSITIONS, AdminState, Health, ServerState, effective_state,
                           transition)
@@ -65,7 +67,7 @@ def test_admin_state_parse():
         AdminState.parse("off")
 
 
-# =========================================================================== the checker's records
+# =========================================================================== the registry's records
 
 
 def _cfg(servers: str, health: str = "") -> object:
@@ -96,7 +98,7 @@ def _shm_states(gen) -> dict[str, int]:
 def test_records_survive_a_reload_and_publish_into_every_generation():
     g1 = _gen(1, _cfg('["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]'))
     master = SimpleNamespace(generations=[g1], active=g1)
-    hc = HealthChecker(master)
+    hc = ServerRegistry(master)
     hc.prepare_generation(g1)
     assert set(hc.records) == {("app", f"127.0.0.1:{p}") for p in (1001, 1002, 1003)}
     assert set(_shm_states(g1).values()) == {lib.RINGD_SRV_UP}      # servers start up
@@ -146,9 +148,10 @@ def test_records_survive_a_reload_and_publish_into_every_generation():
 def test_rise_fall_and_the_first_check():
     g1 = _gen(1, _cfg('["127.0.0.1:1001"]'))
     master = SimpleNamespace(generations=[g1], active=g1)
-    hc = HealthChecker(master)
-    hc.prepare_generation(g1)
-    rec = hc.record("app", "127.0.0.1:1001")
+    servers = ServerRegistry(master)
+    hc = HealthChecker(master, servers)
+    servers.prepare_generation(g1)
+    rec = servers.record("app", "127.0.0.1:1001")
     spec = CheckSpec("127.0.0.1", socket.AF_INET, 1001, HealthCheck(rise=2, fall=3))
     shm = g1.shm.server(0)
 
@@ -169,7 +172,7 @@ def test_rise_fall_and_the_first_check():
         assert check(False) == lib.RINGD_SRV_UP
     assert check(False) == lib.RINGD_SRV_DOWN
     assert rec.checks == 9 and rec.checks_failed == 6 and rec.downs == 2
-    assert hc.counts["fail"] == 2 and hc.counts["rise"] == 1
+    assert servers.counts["fail"] == 2 and servers.counts["rise"] == 1
 
     # a successful check clears a passive-down mark set by a worker
     check(True), check(True)
@@ -180,13 +183,13 @@ def test_rise_fall_and_the_first_check():
     assert shm.passive_down == 0 and shm.fail_window_count == 0
     assert g1.shm.header.state_epoch == epoch + 1
     # a drained server failing its checks shows DOWN, and DRAIN again once it passes
-    hc.set_admin("app", "127.0.0.1:1001", "drain")
+    servers.set_admin("app", "127.0.0.1:1001", "drain")
     for _ in range(3):
         check(False)
     assert shm.state == lib.RINGD_SRV_DOWN
     check(True), check(True)
     assert shm.state == lib.RINGD_SRV_DRAIN
-    assert hc.counts["fail_while_draining"] == 1 and hc.counts["rise_while_draining"] == 1
+    assert servers.counts["fail_while_draining"] == 1 and servers.counts["rise_while_draining"] == 1
 
 
 def test_check_loops_follow_the_active_config():
@@ -196,10 +199,12 @@ def test_check_loops_follow_the_active_config():
     async def main():
         g1 = _gen(1, _cfg(f'["127.0.0.1:{dead}"]', health))
         master = SimpleNamespace(generations=[g1], active=g1)
-        hc = HealthChecker(master)
+        servers = ServerRegistry(master)
+        hc = HealthChecker(master, servers)
+        await servers.start()
         await hc.start()
         try:
-            rec = hc.record("app", f"127.0.0.1:{dead}")
+            rec = servers.record("app", f"127.0.0.1:{dead}")
             for _ in range(100):
                 if rec.health is Health.DOWN:
                     break
@@ -211,6 +216,7 @@ def test_check_loops_follow_the_active_config():
             g2 = _gen(2, _cfg(f'["127.0.0.1:{dead}"]'))
             master.generations.append(g2)
             master.active = g2
+            servers.on_generation(g2, g1)        # in the master's order
             hc.on_generation(g2, g1)
             assert not hc._tasks
             assert rec.health is Health.UP and rec.reason == "active checks disabled"
