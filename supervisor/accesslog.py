@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 
 from . import log
+from .component import Component
 from .native import END_REASONS, ffi, sockaddr_text
 
 DRAIN_PERIOD = 0.2
 
 
-class AccessLog:
+class AccessLog(Component):
     def __init__(self, master):
         self.master = master
         self.log = log.get()

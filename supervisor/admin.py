@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import log
+from .component import Component
 from .control import close_server
 from .metrics import Totals, make_registry
 
@@ -55,15 +56,14 @@ def bind_admin(addr) -> socket.socket:
     return sock
 
 
-class Admin:
+class Admin(Component):
     """Metrics totals, the HTTP listener, and what they need from the master."""
 
     def __init__(self, master):
         self.master = master
         self.log = log.get()
         self.totals = Totals()
-        self.registry = make_registry(master, self.totals,
-                                      lambda: {"servers": master.servers} if master.servers else {})
+        self.registry = make_registry(master, self.totals)
         self.server: asyncio.AbstractServer | None = None
         self.sock: socket.socket | None = None
         self.addr = None
@@ -73,7 +73,6 @@ class Admin:
         self._evict_logged_at = 0.0
         self.registry.register(_AdminCollector(self))
 
-    # master hooks
     def fold_generation(self, gen) -> None:
         self.totals.fold(gen)
 

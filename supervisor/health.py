@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from . import log
+from .component import Component
 from .config import HealthCheck
 from .servers import Key, ServerRecord, ServerRegistry
 from .states import Health
@@ -191,7 +192,7 @@ async def probe(spec: CheckSpec, regex=None) -> float:
 # --------------------------------------------------------------------------- checker
 
 
-class HealthChecker:
+class HealthChecker(Component):
     """The master component that runs the check loops of the active config
     and reports their verdicts to the server registry (ringd.servers)."""
 

@@ -38,6 +38,8 @@ import math
 import time
 from typing import Callable
 
+from .component import Component
+
 SERVING = "serving"
 DRAINING = "draining"
 STOPPING = "stopping"
@@ -46,7 +48,7 @@ STATES = (SERVING, DRAINING, STOPPING)
 MAX_AFTER = 1000 * 3600.0   # the bound of any duration in the file
 
 
-class LameDuck:
+class LameDuck(Component):
     def __init__(self, stop: Callable[[], None], is_stopping: Callable[[], bool], log):
         self._stop = stop                  # queues the master's graceful stop
         self._is_stopping = is_stopping
@@ -123,6 +125,10 @@ class LameDuck:
         self._expired = True
         self.log.info("lameduck_accept_stop", drained_for=round(time.time() - self._since, 3))
         self._stop()
+
+    async def stop(self) -> None:
+        """The master exits: no drain timer outlives it."""
+        self.close()
 
     def close(self) -> None:
         if self._timer is not None:

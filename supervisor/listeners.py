@@ -6,7 +6,7 @@ hands slot i of the new generation the very socket slot i of the old one used,
 so no listening socket is closed and no queued connection is lost. When the
 worker count goes down, the sockets of the slots that went away can be
 adopted by the remaining workers rather than closed (the master decides, see
-Master._adoption). A socket is closed only when no generation needs it, after
+ringd.handover). A socket is closed only when no generation needs it, after
 the workers that accepted on it have stopped.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The master: owns config, sockets, shared memory and the workers.
+# Over 450 lines: the generation and worker-slot lifecycle is one state machine, kept in one file.
+"""The master: the lifecycle of generations and worker slots.
 
 One asyncio loop, one thread. Signal handlers and control-socket requests only
 enqueue a command; a single task takes commands one at a time (reload, stop,
@@ -7,7 +8,16 @@ the control socketpairs, stalls through the heartbeat in shared memory.
 
 Generations: every successful reload starts generation G+1 next to G, waits
 until each new worker reports that it accepts, then tells G to drain. Several
-old generations may drain at once, up to ringd.max_draining_generations.
+old generations may drain at once, up to ringd.max_draining_generations. A
+slot whose worker exits unexpectedly is respawned after a growing backoff,
+and held back after HOLD_BACK_AFTER crashes in a row.
+
+Beside it, each with one job: ringd.generation (the state of a generation
+and its slots), ringd.events (what a worker's event means: log line and
+state change), ringd.handover (which listening sockets stay open across
+generations), ringd.preflight (host checks), and the components
+(ringd.component: lame duck, server registry, health checks, admin
+endpoint, access log), which the master calls through that one interface.
 """
 from __future__ import annotations
 
@@ -17,15 +27,17 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 
 from . import config as config_mod
-from . import log, notify, pidfile
+from . import log, notify, pidfile, preflight
+from .component import Component
 from .config import Config, ConfigError
+from .events import WorkerEvents
+from .generation import Generation, WorkerProc
+from .handover import ADOPT_QUIET, SocketHandover
 from .lameduck import DRAINING, LameDuck
-from .listeners import BindError, ListenerSockets, bind_hint, keys_of, raise_nofile
-from .native import (CMD_SIZE, EVENT_SIZE, RING_MODES, SharedState, decode_event, encode_cmd,
-                     lib, plan_cpus, server_table, setup_failure, sqpoll_wanted)
+from .listeners import BindError, ListenerSockets, bind_hint, raise_nofile
+from .native import EVENT_SIZE, decode_event, encode_cmd, lib, plan_cpus, sqpoll_wanted
 
 READY_TIMEOUT = 15.0        # a new generation must accept within this
 STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
@@ -36,62 +48,6 @@ WATCHDOG_PERIOD = 0.5
 STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
 HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
 RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
-ADOPT_QUIET = 60.0          # tcp_migrate_req=0: a listener this long without a new
-                            # connection is quiet: a reload lets its orphaned sockets go
-
-
-@dataclass
-class WorkerProc:
-    slot: int
-    cpu: int
-    sq_cpu: int
-    gen: "Generation"
-    pid: int
-    pidfd: int
-    ctrl: socket.socket
-    state: str = "starting"     # starting, ready, draining, exited
-    started: float = field(default_factory=time.monotonic)
-    ready_at: float | None = None
-    ring_mode: str = ""
-    hb_value: int = -1
-    hb_changed: float = field(default_factory=time.monotonic)
-    accept_stopped: bool = False
-    killed: str = ""            # why we killed it, if we did
-    fail_reason: str = ""       # why it never became ready
-    ready: asyncio.Future | None = None
-
-
-@dataclass
-class SlotState:
-    crashes: int = 0
-    respawn: asyncio.TimerHandle | None = None
-    held_back: bool = False
-
-
-class Generation:
-    def __init__(self, number: int, cfg: Config):
-        self.number = number
-        self.config = cfg
-        self.servers = server_table(cfg)
-        self.shm = SharedState(number, cfg.ringd.workers, len(cfg.listeners), len(self.servers))
-        self.workers: list[WorkerProc | None] = [None] * cfg.ringd.workers
-        self.slots = [SlotState() for _ in range(cfg.ringd.workers)]
-        self.state = "starting"     # starting, active, draining, done
-        self.drain_started: float | None = None
-        self.socket_keys = keys_of(cfg)        # plus the adopted ones, see Master
-        self.adopted: set = set()
-        self.fail_reasons: list[str] = []
-        # slots whose worker stays down for a while: their listening sockets
-        # are closed so the kernel stops queueing connections nobody accepts
-        # (with net.ipv4.tcp_migrate_req=1 the queued ones move to the others)
-        self.released_slots: set[int] = set()
-
-    def keys_in_use(self) -> set:
-        n = len(self.workers)
-        return {k for k in self.socket_keys if k.slot % n not in self.released_slots}
-
-    def live(self) -> list[WorkerProc]:
-        return [w for w in self.workers if w is not None]
 
 
 class Master:
@@ -119,19 +75,20 @@ class Master:
         self.admin = None         # ringd.admin.Admin
         self.servers = None       # ringd.servers.ServerRegistry (server states)
         self.health = None        # ringd.health.HealthChecker (active checks)
-        self.extras: list = []    # components with start()/stop() (servers, health, admin)
-        self._pause_logged: dict[tuple, float] = {}
-        # per listening address: (connections accepted, when that last changed)
-        self._activity: dict[tuple, tuple[int, float]] = {}
-        self.adopt_quiet = ADOPT_QUIET
+        self.events = WorkerEvents(self, self.log)
+        self._no_workers: asyncio.Event | None = None    # set once none is left (stop)
+        adopt_quiet = ADOPT_QUIET
         if test_hooks and os.environ.get("RINGD_TEST_ADOPT_QUIET"):
-            self.adopt_quiet = float(os.environ["RINGD_TEST_ADOPT_QUIET"])
+            adopt_quiet = float(os.environ["RINGD_TEST_ADOPT_QUIET"])
+        self.handover = SocketHandover(self, adopt_quiet)   # listening sockets across gens
         # `ringd drain` / `ringd ready`: /healthz 503 while still accepting,
         # then a graceful stop (see lameduck.py)
         self.lameduck = LameDuck(
             stop=lambda: self._on_signal("graceful_stop"),
             is_stopping=lambda: self.stopping or bool(self.stop_event and self.stop_event.is_set()),
             log=self.log)
+        # lame duck, then (in _run) servers, health, admin, access log
+        self.components: list[Component] = [self.lameduck]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -142,12 +99,8 @@ class Master:
         self.log.info("start", config=self.config_path, pid=os.getpid(),
                       workers=self.config.ringd.workers, nofile=soft,
                       sqpoll=sqpoll_wanted(self.config))
-        if _sysctl("net/ipv4/tcp_migrate_req") == "0":
-            self.log.info("hint", setting="net.ipv4.tcp_migrate_req=0",
-                          hint="set it to 1 so that connections queued on a listening socket "
-                               "that closes (fewer workers, a removed listener) move to the "
-                               "remaining sockets instead of being reset")
-        self._check_buffer_caps(self.config)
+        preflight.migrate_hint(self.log)
+        preflight.check_buffer_caps(self.config, self.log)
         try:
             # held (locked) until the master exits: see pidfile.py
             self.pidfile = pidfile.Pidfile.acquire(self.pidfile_path)
@@ -197,7 +150,7 @@ class Master:
             return 1
         self.servers = ServerRegistry(self)
         self.health = HealthChecker(self, self.servers)
-        self.extras += [self.servers, self.health, self.admin, AccessLog(self)]
+        self.components += [self.servers, self.health, self.admin, AccessLog(self)]
         gen = self._new_generation(self.config)
         ok, reason = await self._wait_ready(gen)
         if not ok:
@@ -207,8 +160,8 @@ class Master:
             self.sockets.close_all()
             return 1
         self._activate(gen)
-        for extra in self.extras:
-            await extra.start()
+        for c in self.components:
+            await c.start()
         self.log.info("ready", generation=gen.number, workers=len(gen.workers),
                       listeners=[str(lst.listen) for lst in self.config.listeners])
         notify.ready(self._status_line())
@@ -218,9 +171,8 @@ class Master:
             await self._command_loop()
         finally:
             watchdog.cancel()
-            self.lameduck.close()
-            for extra in self.extras:
-                await extra.stop()
+            for c in self.components:
+                await c.stop()
             await self.control.stop()
             self.sockets.close_all()
         self.log.info("exit", code=self.exit_code)
@@ -274,67 +226,14 @@ class Master:
     def _new_generation(self, cfg: Config) -> Generation:
         gen = Generation(self.next_gen, cfg)
         self.next_gen += 1
-        gen.adopted = self._adoption(cfg)
+        gen.adopted = self.handover.adoption(cfg)
         gen.socket_keys |= gen.adopted
         self.generations.append(gen)
-        if self.servers is not None:
-            self.servers.prepare_generation(gen)  # server states before any worker runs
+        for c in self.components:
+            c.prepare_generation(gen)   # e.g. server states, before any worker runs
         for slot, (cpu, sq_cpu) in enumerate(plan_cpus(cfg)):
             self._spawn(gen, slot, cpu, sq_cpu)
         return gen
-
-    def _adoption(self, cfg: Config) -> set:
-        """Which sockets of slots that `cfg` no longer has (fewer workers than
-        before) its workers adopt, that is keep accepting on.
-
-        A listening socket closed while connections wait in its queue resets
-        them, unless net.ipv4.tcp_migrate_req = 1: then the kernel moves them
-        to another socket of the same port. So:
-        - tcp_migrate_req = 1: none. Each such socket is closed as soon as the
-          old workers stopped accepting on it; its queue moves over.
-        - 0: all, except those of a listener that took no new connection for
-          adopt_quiet seconds (the port is quiet). Those close once the old
-          workers stopped accepting; the master checks that the queue is
-          empty then, and logs what a late arrival lost if it was not.
-        The workers accept on an adopted socket until they are replaced, so
-        its queue is never looked at while nobody takes from it."""
-        candidates = self.sockets.adoptable(cfg)
-        if not candidates:
-            return set()
-        if _sysctl("net/ipv4/tcp_migrate_req") == "1":
-            return set()
-        self._note_activity()
-        now = time.monotonic()
-        keep = set()
-        for k in candidates:
-            _, changed = self._activity.get((k.family, k.ip, k.port), (0, now))
-            if now - changed < self.adopt_quiet or self.sockets.queued(k):
-                keep.add(k)
-        if keep:
-            self.log.info("listeners_adopted", sockets=_socket_names(keep),
-                          hint="net.ipv4.tcp_migrate_req=0: closing them could reset queued "
-                               "connections; they are kept until a reload finds their port "
-                               f"quiet for {self.adopt_quiet:g}s (set it to 1 to close them "
-                               "at once)")
-        return keep
-
-    def _note_activity(self) -> None:
-        """Record when each listening address last accepted a connection
-        (any worker of any generation), for _adoption."""
-        totals: dict[tuple, int] = {}
-        for gen in self.generations:
-            for li, lst in enumerate(gen.config.listeners):
-                addr = (lst.listen.family, lst.listen.ip, lst.listen.port)
-                n = sum(gen.shm.lstats(w)[li].accepted for w in range(gen.shm.nworkers))
-                totals[addr] = totals.get(addr, 0) + n
-        now = time.monotonic()
-        for addr, n in totals.items():
-            old = self._activity.get(addr)
-            if old is None or old[0] != n:
-                self._activity[addr] = (n, now)
-        for addr in list(self._activity):
-            if addr not in totals:
-                del self._activity[addr]
 
     def _activate(self, gen: Generation) -> None:
         gen.state = "active"
@@ -462,50 +361,13 @@ class Master:
             took = time.monotonic() - (gen.drain_started or time.monotonic())
             self.log.info("drain_done", gen=gen.number, seconds=round(took, 3))
             self._retire_generation(gen)
-        self._retire_sockets()
+        self.handover.retire()
 
     def _retire_generation(self, gen: Generation) -> None:
-        for extra in self.extras:
-            fold = getattr(extra, "fold_generation", None)
-            if fold:
-                fold(gen)
+        for c in self.components:
+            c.fold_generation(gen)
         self.generations.remove(gen)
         gen.shm.close()
-
-    def _retire_sockets(self) -> None:
-        """Close listening sockets no generation needs: only after every worker
-        that accepted on them has stopped accepting."""
-        keep: set = set()
-        for gen in self.generations:
-            # on a graceful stop even the current generation lets go of its
-            # sockets once its workers stopped accepting: new clients are
-            # refused at once (as nginx and HAProxy do) instead of queueing
-            # on a socket nobody will accept from
-            if gen.state in ("starting", "active") and not self.stopping:
-                keep |= gen.keys_in_use()
-                continue
-            n = len(gen.workers)
-            for w in gen.live():
-                if not w.accept_stopped:
-                    # its own socket and those it adopted (slot j goes to j % n)
-                    keep |= {k for k in gen.socket_keys if k.slot % n == w.slot}
-        gone = self.sockets.retire(keep)
-        if not gone:
-            return
-        # a queue moves (tcp_migrate_req=1) only to a socket of the same
-        # address that stays open
-        migrate = _sysctl("net/ipv4/tcp_migrate_req") == "1"
-        still_open = {(k.family, k.ip, k.port) for k in self.sockets.keys()}
-        lost = {k: q for k, q in gone.items()
-                if q and not (migrate and (k.family, k.ip, k.port) in still_open)}
-        self.log.info("listeners_closed", sockets=_socket_names(gone),
-                      queued=sum(gone.values()), queued_reset=sum(lost.values()))
-        if lost and not self.stopping:
-            self.log.warning("queued_connections_reset", connections=sum(lost.values()),
-                             sockets=_socket_names(lost),
-                             hint="the kernel resets what waits on a listening socket that "
-                                  "closes, unless net.ipv4.tcp_migrate_req=1 and another "
-                                  "socket of the port stays open")
 
     # ------------------------------------------------------------ events
 
@@ -522,76 +384,28 @@ class Master:
                 return
             ev = decode_event(data)
             if ev is not None:
-                self._handle_event(w, ev)
+                self.events.handle(w, ev)
 
-    def _handle_event(self, w: WorkerProc, ev) -> None:
-        cfg = w.gen.config
-        ctx = {"worker": w.slot, "gen": w.gen.number, "pid": w.pid}
-        t = ev.type
-        if t == lib.RINGD_EV_READY:
-            w.ring_mode = RING_MODES.get(ev.a, str(ev.a))
-            if w.state == "starting":
-                w.state = "ready"
-            w.ready_at = time.monotonic()
-            self.log.info("worker_ready", ring=w.ring_mode, cpu=w.cpu, **ctx)
-            if w.ready is not None and not w.ready.done():
-                w.ready.set_result(True)
-        elif t == lib.RINGD_EV_ACCEPT_PAUSED:
-            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
-            reason = "max_connections" if ev.err == 0 else ev.error
-            key = (w.gen.number, w.slot, ev.a, ev.err)
-            now = time.monotonic()
-            if now - self._pause_logged.get(key, 0.0) >= 5.0:
-                self._pause_logged[key] = now
-                self.log.warning("accept_paused", listener=name, reason=reason, active=ev.b,
-                                 pauses=ev.c, **ctx)
-        elif t == lib.RINGD_EV_ACCEPT_RESUMED:
-            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
-            self.log.info("accept_resumed", listener=name, after=ev.error, **ctx)
-        elif t == lib.RINGD_EV_DRAINING:
-            self.log.info("worker_draining", active=ev.c, **ctx)
-        elif t == lib.RINGD_EV_ACCEPT_STOPPED:
-            w.accept_stopped = True
-            self._retire_sockets()
-            # a wakeup for a connection may have gone to the worker that just
-            # stopped: let the current workers look at their queues
-            cur = self.active
-            if cur is not None and cur is not w.gen:
-                for nw in cur.live():
-                    if nw.state == "ready":
-                        self._send(nw, lib.RINGD_CMD_POKE_ACCEPT)
-        elif t == lib.RINGD_EV_EXITING:
-            if ev.c:
-                self.log.warning("worker_closed_connections", closed=ev.c, **ctx)
-        elif t == lib.RINGD_EV_NO_SERVER:
-            lst = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
-            up = cfg.upstreams[ev.b].name if ev.b < len(cfg.upstreams) else ev.b
-            self.log.warning("no_server", listener=lst, upstream=up, clients_closed=ev.c,
-                             last_error=ev.error or "no server available", **ctx)
-        elif t == lib.RINGD_EV_CONNECT_FAIL:
-            srv = w.gen.servers[ev.a] if ev.a < len(w.gen.servers) else None
-            self.log.warning("connect_failed", upstream=srv.upstream if srv else None,
-                             server=srv.name if srv else ev.a, error=ev.error, failures=ev.c,
-                             **ctx)
-        elif t == lib.RINGD_EV_SERVER_FAILED:
-            srv = w.gen.servers[ev.a] if ev.a < len(w.gen.servers) else None
-            self.log.warning("server_down", upstream=srv.upstream if srv else None,
-                             server=srv.name if srv else ev.a, reason="passive",
-                             error=ev.error, fails=ev.c, **ctx)
-            for extra in self.extras:
-                hook = getattr(extra, "on_passive_down", None)
-                if hook:
-                    hook(w.gen, ev.a)
-        elif t == lib.RINGD_EV_PIPE_SHRUNK:
-            self.log.warning("pipe_size_reduced", size=ev.a, error=ev.error,
-                             hint="raise fs.pipe-user-pages-soft or run as root", **ctx)
-        elif t == lib.RINGD_EV_SETUP_FAILED:
-            reason = setup_failure(ev, cfg)
-            w.fail_reason = f"worker {w.slot}: {reason}"
-            self.log.error("worker_setup_failed", reason=reason, **ctx)
-        elif t == lib.RINGD_EV_ACCEPT_ERROR:
-            name = cfg.listeners[ev.a].name if ev.a < len(cfg.listeners) else ev.a
-            self.log.error("accept_error", listener=name, error=ev.error, **ctx)
+    def worker_ready(self, w: WorkerProc, ring_mode: str) -> None:
+        """RINGD_EV_READY: `w` accepts (its ring in `ring_mode`)."""
+        w.ring_mode = ring_mode
+        if w.state == "starting":
+            w.state = "ready"
+        w.ready_at = time.monotonic()
+        if w.ready is not None and not w.ready.done():
+            w.ready.set_result(True)
+
+    def accept_stopped(self, w: WorkerProc) -> None:
+        """RINGD_EV_ACCEPT_STOPPED: `w` no longer accepts on its sockets."""
+        w.accept_stopped = True
+        self.handover.retire()
+        # a wakeup for a connection may have gone to the worker that just
+        # stopped: let the current workers look at their queues
+        cur = self.active
+        if cur is not None and cur is not w.gen:
+            for nw in cur.live():
+                if nw.state == "ready":
+                    self._send(nw, lib.RINGD_CMD_POKE_ACCEPT)
 
     def _on_worker_exit(self, w: WorkerProc) -> None:
         self.loop.remove_reader(w.pidfd)
@@ -633,6 +447,7 @@ class Master:
             if gen.state == "active" and not self.stopping:
                 self._schedule_respawn(gen, w)
         self._check_generation_done(gen)
+        self._count_exit()
 
     def _schedule_respawn(self, gen: Generation, w: WorkerProc) -> None:
         st = gen.slots[w.slot]
@@ -653,7 +468,7 @@ class Master:
             gen.released_slots.add(w.slot)
             self.log.warning("slot_sockets_released", worker=w.slot, gen=gen.number,
                              hint="its connections go to the other workers until it is back")
-            self._retire_sockets()
+            self.handover.retire()
 
     def _respawn(self, gen: Generation, slot: int, cpu: int, sq_cpu: int) -> None:
         gen.slots[slot].respawn = None
@@ -699,28 +514,13 @@ class Master:
                         self.log.error("worker_stalled", worker=w.slot, gen=gen.number,
                                        pid=w.pid, silent_for=round(now - w.hb_changed, 2))
                         self._abort_if_alive(w, "watchdog: heartbeat stalled")
-            self._note_activity()
+            self.handover.note_activity()
             line = self._status_line()
             if line != last_status:         # systemd needs no repeats
                 notify.status(line)
                 last_status = line
 
     # ------------------------------------------------------------ reload
-
-    def _check_buffer_caps(self, cfg) -> None:
-        """rcvbuf/sndbuf above net.core.rmem_max/wmem_max are capped by the
-        kernel without an error (workers may not be root); say so once per load."""
-        caps = {key: (sysctl, _sysctl(sysctl.replace(".", "/")))
-                for key, sysctl in (("rcvbuf", "net.core.rmem_max"), ("sndbuf", "net.core.wmem_max"))}
-        for kind, items in (("listener", cfg.listeners), ("upstream", cfg.upstreams)):
-            for item in items:
-                for key, (sysctl, cap) in caps.items():
-                    want = getattr(item, key)
-                    if want and cap and cap.isdigit() and want > int(cap):
-                        self.log.warning("socket_buffer_capped", where=f"{kind} {item.name}",
-                                         key=key, configured=want, effective=int(cap),
-                                         hint=f"the kernel caps it at {sysctl}; raise that "
-                                              "sysctl to get the configured size")
 
     def refuse_reload(self, reason: str) -> None:
         """A reload request refused before it started (ringd reload -c with
@@ -750,7 +550,7 @@ class Master:
             new = config_mod.load(self.config_path)
         except ConfigError as e:
             return False, str(e)
-        self._check_buffer_caps(new)
+        preflight.check_buffer_caps(new, self.log)
         old_r = self.config.ringd
         for key in ("pidfile", "control_socket"):
             if getattr(new.ringd, key) != getattr(old_r, key):
@@ -785,16 +585,14 @@ class Master:
             # never leave a half-started generation: drain what did start
             gen.state = "active"   # so _drain_generation runs its course
             self._drain_generation(gen, "reload failed")
-            self._retire_sockets()
+            self.handover.retire()
             self.admin.discard(admin_next)
             self._restore_log(log_before)
             return False, f"new workers failed: {reason}"
         old = self.active
         self._activate(gen)
-        for extra in self.extras:
-            hook = getattr(extra, "on_generation", None)
-            if hook:
-                hook(gen, old)
+        for c in self.components:
+            c.on_generation(gen, old)
         await self.admin.switch(admin_next)
         if old is not None:
             self._drain_generation(old, "reload")
@@ -838,18 +636,30 @@ class Master:
                 else:
                     w.state = "draining"
                     self._send(w, lib.RINGD_CMD_DRAIN, int(self.config.ringd.drain_timeout * 1000))
-        deadline = time.monotonic() + timeout
-        while any(g.live() for g in self.generations) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._all_exited(timeout)
         for gen in self.generations:
             for w in gen.live():
                 self._kill_if_alive(w, "did not stop in time")
-        deadline = time.monotonic() + 2.0
-        while any(g.live() for g in self.generations) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._all_exited(2.0)
         for gen in list(self.generations):
             gen.state = "draining"
             self._check_generation_done(gen)
+
+    async def _all_exited(self, timeout: float) -> None:
+        """Wait until no worker of any generation is left, at most `timeout`
+        seconds: their exits arrive through the pidfds (_on_worker_exit)."""
+        self._no_workers = asyncio.Event()
+        self._count_exit()
+        try:
+            await asyncio.wait_for(self._no_workers.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._no_workers = None
+
+    def _count_exit(self) -> None:
+        if self._no_workers is not None and not any(g.live() for g in self.generations):
+            self._no_workers.set()
 
     # ------------------------------------------------------------ status
 
@@ -871,21 +681,9 @@ class Master:
         return collect(self)
 
 
-def _socket_names(keys) -> list[str]:
-    return sorted(f"{k.ip}:{k.port}#{k.slot}" for k in keys)
-
-
 def _log_settings(cfg: Config) -> tuple:
     """What log.configure takes, from a config."""
     return (cfg.ringd.log_format, cfg.ringd.log_level, cfg.ringd.log_file)
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        with open(f"/proc/sys/{name}", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _dumping_core(pid: int) -> bool:

@@ -73,10 +73,9 @@ def add_listener(acc: dict, st) -> None:
 
 
 class RingdCollector:
-    def __init__(self, master, totals: Totals, extra=None):
+    def __init__(self, master, totals: Totals):
         self.master = master
         self.totals = totals
-        self.extra = extra or (lambda: {})
         feat = probe()
         self.liburing = feat.get("liburing", "")
 
@@ -142,9 +141,8 @@ class RingdCollector:
     def _servers(self):
         m = self.master
         records = {}
-        servers = self.extra().get("servers")
-        if servers is not None:
-            for snap in servers.snapshot():
+        if m.servers is not None:
+            for snap in m.servers.snapshot():
                 records[(snap["upstream"], snap["server"])] = snap
         srv = defaultdict(lambda: {"connections": 0, "failures": 0, "bytes_to": 0,
                                    "bytes_from": 0, "active": 0})
@@ -260,8 +258,8 @@ class RingdCollector:
         yield info
 
 
-def make_registry(master, totals: Totals, extra=None) -> CollectorRegistry:
+def make_registry(master, totals: Totals) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RingdCollector(master, totals, extra))
+    reg.register(RingdCollector(master, totals))
     return reg
 

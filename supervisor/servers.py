@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import log
+from .component import Component
 from .config import MAX_WEIGHT
 from .native import lib
 from .states import AdminState, Health, ServerState, Transition, effective_state, transition
@@ -106,7 +107,7 @@ class _GenView:
     index: dict[Key, tuple[int, bool]] = field(default_factory=dict)   # -> (slot, down)
 
 
-class ServerRegistry:
+class ServerRegistry(Component):
     """The master component that owns the server records and publishes them.
 
     Admin API (all synchronous, call from the master loop):
@@ -128,9 +129,6 @@ class ServerRegistry:
     async def start(self) -> None:
         for gen in list(self.master.generations):
             self.prepare_generation(gen)
-
-    async def stop(self) -> None:
-        pass
 
     def prepare_generation(self, gen) -> None:
         """Adopt a generation: create records for its servers and write the
