@@ -18,17 +18,8 @@
 #                      added to the copy only (deb-test uses it for upgrades)
 #   RINGD_DEB_KEEP=1   keep the temporary build directory
 set -eu
-
-# Debian's tools and Debian's python3 only: a pyenv, a venv or ~/.local on
-# PATH must not leak into a package build.
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-unset PYTHONPATH PYTHONHOME PYTHONUSERBASE VIRTUAL_ENV PYENV_VERSION 2>/dev/null || true
-
-top=$(cd "$(dirname "$0")/.." && pwd)
-out=${RINGD_DEB_OUT:-$top/packaging/out}
-say() { printf 'build-deb: %s\n' "$*"; }
-die() { printf 'build-deb: error: %s\n' "$*" >&2; exit 1; }
+prog=build-deb
+. "$(dirname "$0")/common.sh"
 
 [ "$(uname -s)" = Linux ] || die "ringd builds on Linux only"
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this builds on Debian (bookworm)"

@@ -6,13 +6,8 @@
 # python3: install with apt-get, check, start as the unit does, forward,
 # reload, stop, upgrade, remove, purge. Exit 77 means it cannot run here.
 set -eu
-
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-unset PYTHONPATH PYTHONHOME PYTHONUSERBASE VIRTUAL_ENV PYENV_VERSION 2>/dev/null || true
-
-top=$(cd "$(dirname "$0")/.." && pwd)
-out=${RINGD_DEB_OUT:-$top/packaging/out}
+prog=deb-test
+. "$(dirname "$0")/common.sh"
 
 if [ "$(id -u)" != 0 ]; then
     echo "deb-test: must run as root (it installs and removes the package)" >&2
@@ -20,17 +15,16 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 set -- "$out"/ringd_*.deb
-[ -f "$1" ] || { echo "deb-test: no package in $out: run make deb first" >&2; exit 1; }
-[ $# = 1 ] || { echo "deb-test: more than one package in $out: $*" >&2; exit 1; }
+[ -f "$1" ] || die "no package in $out: run make deb first"
+[ $# = 1 ] || die "more than one package in $out: $*"
 deb=$1
 v1=$(dpkg-deb -f "$deb" Version)
 v2="$v1+upgrade1"
 
-echo "deb-test: building the upgrade package $v2"
+say "building the upgrade package $v2"
 RINGD_DEB_OUT="$out/upgrade" RINGD_DEB_VERSION="$v2" sh "$top/packaging/build-deb.sh" >"$out/upgrade-build.txt" 2>&1 || {
     tail -n 30 "$out/upgrade-build.txt" >&2
-    echo "deb-test: building $v2 failed; see $out/upgrade-build.txt" >&2
-    exit 1
+    die "building $v2 failed; see $out/upgrade-build.txt"
 }
 set -- "$out"/upgrade/ringd_*.deb
 deb2=$1

@@ -77,6 +77,7 @@ def collect(master) -> dict:
                 "last_check": (f"{time.time() - last:.1f}s ago "
                                f"({rec.get('last_latency_ms')} ms)" if last else "-"),
                 "last_error": rec.get("last_error", ""),
+                "checks": rec.get("checks", 0),     # active checks run (all generations)
             })
     return {
         "pid": os.getpid(),

@@ -50,6 +50,33 @@ def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "conditio
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+class Background:
+    """fn(*args) in a daemon thread (a hung one cannot keep pytest alive).
+    result(timeout) returns what fn returned, raises what it raised, and
+    fails the test if fn has not finished within `timeout` seconds: an
+    assert inside fn counts, and a join is never left unchecked."""
+
+    def __init__(self, fn, *args):
+        self._out: list = []
+        self._err: list[BaseException] = []
+
+        def run():
+            try:
+                self._out.append(fn(*args))
+            except BaseException as e:      # handed to result()
+                self._err.append(e)
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"background task still running after {timeout}s")
+        if self._err:
+            raise self._err[0]
+        return self._out[0]
+
+
 class Backend:
     """tests/backend.py in its own process."""
 
@@ -311,27 +338,20 @@ def duplex(port: int, send_n: int, recv_n: int, timeout: float = 30,
     half-close, and check both directions by SHA-256."""
     s = connect(port, host, timeout)
     payload = pattern(send_n, seed=send_n + 7)
-    err: list[BaseException] = []
 
     def sender():
-        try:
-            s.sendall(struct.pack("!Q", recv_n))
-            view = memoryview(payload)
-            for off in range(0, len(view), 1 << 20):
-                s.sendall(view[off:off + (1 << 20)])
-            s.shutdown(socket.SHUT_WR)
-        except BaseException as e:  # reported by the caller
-            err.append(e)
+        s.sendall(struct.pack("!Q", recv_n))
+        view = memoryview(payload)
+        for off in range(0, len(view), 1 << 20):
+            s.sendall(view[off:off + (1 << 20)])
+        s.shutdown(socket.SHUT_WR)
 
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
+    sending = Background(sender)
     try:
         got = recv_all(s)
+        sending.result(timeout)
     finally:
-        t.join(timeout)
         s.close()
-    if err:
-        raise err[0]
     assert len(got) == recv_n + 32, f"got {len(got)} bytes, want {recv_n} + 32"
     body, digest = got[:recv_n], got[recv_n:]
     assert hashlib.sha256(body).digest() == hashlib.sha256(pattern(recv_n, seed=recv_n)).digest(), \

@@ -6,6 +6,7 @@ import ctypes
 from pathlib import Path
 import os
 import re
+import select
 import subprocess
 import socket
 import struct
@@ -13,9 +14,9 @@ import time
 
 import pytest
 
-from harness import (Backend, Ringd, connect, connect_nowait, duplex, echo_roundtrip, fd_count, free_port,
-                     free_ports, listener, proc_threads, recv_all, rss_kib, upstream, wait_for,
-                     cmdline)
+from harness import (Background, Backend, Ringd, connect, connect_nowait, duplex, echo_roundtrip,
+                     fd_count, free_port, free_ports, listener, proc_threads, recv_all, rss_kib,
+                     upstream, wait_for, cmdline)
 
 NCPU = len(os.sched_getaffinity(0))
 TCP_NOTSENT_LOWAT = 25     # <netinet/tcp.h>; the socket module lacks the name
@@ -236,7 +237,8 @@ def test_all_servers_dead_closes_client_promptly(tmp_path):
         took = time.monotonic() - t0
         s.close()
         assert data == b""
-        assert took < 1.0, took
+        # refused at once: far below connect_timeout (5 s), room for a loaded 2-CPU host
+        assert took < 3.0, took
         ev = r.wait_event("no_server")[0]
         assert ev["upstream"] == "app" and ev["listener"] == "web"
         st = r.status()
@@ -250,28 +252,10 @@ def _assert_serving(port: int):
     assert echo_roundtrip(port, b"still here") == b"still here"
 
 
-def test_client_reset_ends_only_its_connection(tmp_path):
-    bport, port = free_ports(2)
-    with Backend("echo", [bport]):
-        with Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1) as r:
-            pids = r.worker_pids()
-            other = connect(port)
-            other.sendall(b"a")
-            assert other.recv(1) == b"a"
-            victim = connect(port)
-            victim.sendall(b"b" * 100000)
-            victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            victim.close()
-            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 1, 5,
-                     what="reset connection gone")
-            other.sendall(b"c")
-            assert other.recv(1) == b"c"
-            other.close()
-            _assert_serving(port)
-            assert r.worker_pids() == pids
-
-
-def test_backend_reset_ends_only_its_connection(tmp_path):
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_a_reset_ends_only_its_connection(tmp_path, side):
+    """A reset by the client, or by the server, ends that connection alone:
+    the worker and its other connection carry on."""
     eport, rport, p1, p2 = free_ports(4)
     with Backend("echo", [eport]), Backend("reset", [rport]):
         conf = (listener("ok", p1, "good") + listener("bad", p2, "bad")
@@ -281,13 +265,20 @@ def test_backend_reset_ends_only_its_connection(tmp_path):
             other = connect(p1)
             other.sendall(b"a")
             assert other.recv(1) == b"a"
-            victim = connect(p2)
-            victim.sendall(b"x")
-            try:
-                assert victim.recv(10) == b""
-            except ConnectionResetError:
-                pass
+            if side == "client":
+                victim = connect(p1)
+                victim.sendall(b"b" * 100000)
+                victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                victim = connect(p2)            # its server resets the connection
+                victim.sendall(b"x")
+                try:
+                    assert victim.recv(10) == b""
+                except ConnectionResetError:
+                    pass
             victim.close()
+            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 1, 5,
+                     what="reset connection gone")
             other.sendall(b"c")
             assert other.recv(1) == b"c"
             other.close()
@@ -305,17 +296,22 @@ def test_idle_timeout_closes_idle_connection(tmp_path):
             idle.sendall(b"i")
             assert idle.recv(1) == b"i"
             t0 = time.monotonic()
-            # keep `busy` active past the idle timeout
+
+            def closed_after() -> float:
+                try:
+                    assert idle.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+                return time.monotonic() - t0
+            idle.settimeout(5)
+            closing = Background(closed_after)
+            # keep `busy` active past the idle timeout (the pause is the pace
+            # of its traffic, not a wait)
             for _ in range(8):
                 busy.sendall(b"b")
                 assert busy.recv(1) == b"b"
                 time.sleep(0.15)
-            idle.settimeout(5)
-            try:
-                assert idle.recv(1) == b""
-            except ConnectionResetError:
-                pass
-            took = time.monotonic() - t0
+            took = closing.result(5)
             assert 0.4 < took < 3.0, took
             busy.sendall(b"z")
             assert busy.recv(1) == b"z"
@@ -333,10 +329,10 @@ def test_connect_timeout_ends_only_its_connection(tmp_path):
     bh = black.getsockname()[1]
     fillers = []
     try:
-        # fill the accept queue so further SYNs are dropped
+        # fill the accept queue (backlog 0: one connection) so further SYNs are dropped
         for _ in range(4):
             fillers.append(connect_nowait(bh))
-        time.sleep(0.2)
+        wait_for(lambda: select.select([], fillers, [], 0)[1], 5, what="accept queue full")
         with Backend("echo", [bport]):
             conf = (listener("slow", port, "hole", connect_timeout="300ms")
                     + upstream("hole", [f"127.0.0.1:{bh}"], connect_retries=1, max_fails=0))
@@ -353,7 +349,9 @@ def test_connect_timeout_ends_only_its_connection(tmp_path):
                 took = time.monotonic() - t0
                 s.close()
                 # one attempt of 300 ms: retries go to other servers, there is none
-                assert 0.25 < took < 2.0, took
+                # (the bound leaves a loaded 2-CPU host room; connect_timeout's
+                # default, 5 s, would be far above it)
+                assert 0.25 < took < 3.0, took
                 _assert_serving(p2)
                 assert r.worker_pids() == pids
                 ev = r.wait_event("connect_failed")[0]
@@ -448,29 +446,24 @@ def test_quiet_spliced_connection_gives_its_pipes_back(tmp_path):
         with Ringd(tmp_path, conf, workers=1) as r:
             s = connect(port)
             blob = os.urandom(4 << 20)
-            import threading
-            got = bytearray()
 
-            def reader(n):
+            def reader(n: int) -> bytes:
+                got = bytearray()
                 while len(got) < n:
                     chunk = s.recv(1 << 20)
-                    assert chunk
+                    assert chunk, f"EOF after {len(got)} of {n} bytes"
                     got.extend(chunk)
-            t = threading.Thread(target=reader, args=(len(blob),))
-            t.start()
+                return bytes(got)
+            reading = Background(reader, len(blob))
             s.sendall(blob)
-            t.join(20)
-            assert bytes(got) == blob
+            assert reading.result(20) == blob
             # quiet now: within a few ticks no pipe is held
             wait_for(lambda: r.status()["workers"][0]["pipes_in_use"] == 0, 5,
                      what="pipes given back")
             # and the connection still works, both ways
-            got.clear()
-            t = threading.Thread(target=reader, args=(len(blob),))
-            t.start()
+            reading = Background(reader, len(blob))
             s.sendall(blob)
-            t.join(20)
-            assert bytes(got) == blob
+            assert reading.result(20) == blob
             s.close()
 
 
