@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# Over 450 lines: one self-contained script for Debian's bare python3 (no pytest there).
 """Acceptance test of the ringd Debian package (`make deb-test`).
 
 Installs the built package the way an operator would and checks what issue 6

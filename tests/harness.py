@@ -1,3 +1,4 @@
+# Over 450 lines: every helper the end-to-end tests share, behind one import.
 """Real processes on loopback: ringd itself, test backends, and clients.
 
 Every wait here is bounded: a hung test is a failed test.

@@ -1,3 +1,4 @@
+# Over 450 lines: one module per area; states, registry, probes and end-to-end checks.
 """Health checks: the state model, the server registry's record keeping, the
 checker's verdicts, single probes against real sockets, and end to end with a
 real ringd and real backends.

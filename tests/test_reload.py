@@ -1,3 +1,4 @@
+# Over 450 lines: one module per area; reloads, drains and supervision, test by test.
 """Reload, drain and supervision: real signals against a real master."""
 from __future__ import annotations
 
