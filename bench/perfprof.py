@@ -1,3 +1,4 @@
+# Over 450 lines: perf counting, sampling and the call-stack breakdown of the profile mode.
 """perf for the profile mode: counting (perf stat on tracepoints and
 software events) and sampling (perf record -g of the proxy's CPU), both
 started disabled and switched on and off through perf's control pipe, so the

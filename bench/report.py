@@ -1,3 +1,4 @@
+# Over 450 lines: every table and plot of a run's report, rendered from one JSON.
 """Turns the collected figures into the Markdown report and the PNG plot."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# Over 450 lines: the benchmark driver, every scenario and mode behind one command line.
 """ringd side-by-side benchmark: direct, ringd (SQPOLL on and off), HAProxy
 and nginx on loopback, interleaved, with the proxy pinned to its own CPU(s).
 

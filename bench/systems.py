@@ -1,3 +1,4 @@
+# Over 450 lines: each system under test and backend with its config, start and stop.
 """The systems under test and the backends behind them: config generation
 into a temp dir, start, readiness, process lookup, stop.
 

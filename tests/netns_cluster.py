@@ -1,3 +1,4 @@
+# Over 450 lines: the namespace cluster test is one script: topology, scenarios, cleanup.
 """Two ringd hosts behind an ECMP router with BGP, in network namespaces.
 
     python tests/netns_cluster.py [--workdir DIR] [--json FILE] [--keep]

@@ -1,3 +1,4 @@
+# Over 450 lines: corpus generators and independent reference parsers for both parsers.
 """Inputs for the first-bytes parsers (native/tls_hello.c, native/proxy_recv.c).
 
 Shared by tests/test_parsers.py (through cffi) and the sanitizer run (which

@@ -1,3 +1,4 @@
+# Over 450 lines: one module per area; the first-bytes parsers, case by case.
 """The first-bytes parsers of the data path, through cffi: the TLS ClientHello
 parser of SNI routing (native/tls_hello.c) and the PROXY protocol receiver
 (native/proxy_recv.c).
