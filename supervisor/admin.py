@@ -14,8 +14,10 @@ its answer. A request head must arrive within HEADER_TIMEOUT.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import socket
+import termios
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,10 +39,23 @@ EVICT_LOG_EVERY = 10.0      # seconds between two admin_clients_evicted events
 
 @dataclass(eq=False)
 class _Client:
+    reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     address: str
     since: float
     replying: bool = False
+
+    def has_bytes(self) -> bool:
+        """Has part of a request arrived (read by asyncio or still in the
+        socket)? Such a client is about to be served, not idle."""
+        if getattr(self.reader, "_buffer", None):
+            return True
+        sock = self.writer.get_extra_info("socket")
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, AttributeError, ValueError):
+            return False
+        return int.from_bytes(raw, "little") > 0
 
 
 def bind_admin(addr) -> socket.socket:
@@ -123,11 +138,15 @@ class Admin(Component):
         return all(w is not None and w.state == "ready" for w in gen.workers)
 
     def _evict_one(self) -> None:
-        """Make room: the longest-waiting client that has not sent a complete
-        request, from the address holding the most places; only if every
-        place is replying, the oldest of those (a reader too slow to take
-        its reply)."""
-        waiting = [c for c in self._clients if not c.replying] or self._clients
+        """Make room: the longest-waiting client that has sent nothing of a
+        request yet, from the address holding the most places; then one whose
+        request is still incomplete; only if every place is replying, the
+        oldest of those (a reader too slow to take its reply)."""
+        waiting = [c for c in self._clients if not c.replying]
+        # one whose request is arriving (bytes in its buffer) is not idle: a
+        # probe accepted behind a burst of idle connections must not lose its
+        # place before the loop gets to read its request
+        waiting = [c for c in waiting if not c.has_bytes()] or waiting or self._clients
         per_address = Counter(c.address for c in self._clients)
         most = max(per_address[c.address] for c in waiting)
         victim = next(c for c in waiting if per_address[c.address] == most)   # oldest first
@@ -146,7 +165,7 @@ class Admin(Component):
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        me = _Client(writer, str(peer[0]) if peer else "?", time.monotonic())
+        me = _Client(reader, writer, str(peer[0]) if peer else "?", time.monotonic())
         if len(self._clients) >= MAX_CLIENTS:
             self._evict_one()
         self._clients.append(me)
