@@ -1,6 +1,6 @@
 /*
- * ring.c: io_uring setup for a worker, the SQE helper, clocks, and the
- * feature probe Python calls before it forks anything.
+ * ring.c: io_uring setup for a worker, the SQE helpers, clocks, and the
+ * small feature probe the metrics and tests read (ringd_probe).
  */
 #include "ringd.h"
 
@@ -119,6 +119,8 @@ struct io_uring_sqe *get_sqe(struct worker *w)
     return sqe;
 }
 
+/* What the metrics and the tests read: the liburing we were built against,
+ * and whether the kernel skips successful completions (one small ring). */
 int ringd_probe(struct ringd_features *f)
 {
     struct io_uring ring;
@@ -126,7 +128,6 @@ int ringd_probe(struct ringd_features *f)
     int ret;
 
     memset(f, 0, sizeof(*f));
-    f->abi = RINGD_ABI_VERSION;
     f->liburing_major = RINGD_LIBURING_MAJOR;
     f->liburing_minor = RINGD_LIBURING_MINOR;
 
@@ -134,36 +135,7 @@ int ringd_probe(struct ringd_features *f)
     ret = io_uring_queue_init_params(8, &ring, &p);
     if (ret < 0)
         return ret;
-    f->kernel_features = p.features;
     f->have_cqe_skip = (p.features & IORING_FEAT_CQE_SKIP) != 0;
-
-    struct io_uring_probe *pr = io_uring_get_probe_ring(&ring);
-    if (pr) {
-        f->have_splice = io_uring_opcode_supported(pr, IORING_OP_SPLICE);
-        f->have_multishot_accept = io_uring_opcode_supported(pr, IORING_OP_ACCEPT) &&
-                                   io_uring_opcode_supported(pr, IORING_OP_SOCKET);
-        io_uring_free_probe(pr);
-    }
     io_uring_queue_exit(&ring);
-
-    memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_SINGLE_ISSUER;
-    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
-        f->have_single_issuer = 1;
-        io_uring_queue_exit(&ring);
-    }
-    memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
-        f->have_defer_taskrun = 1;
-        io_uring_queue_exit(&ring);
-    }
-    memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_SQPOLL;
-    p.sq_thread_idle = 1;
-    if (io_uring_queue_init_params(8, &ring, &p) == 0) {
-        f->have_sqpoll = 1;
-        io_uring_queue_exit(&ring);
-    }
     return 0;
 }

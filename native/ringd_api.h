@@ -269,23 +269,17 @@ struct ringd_worker_cfg {
 };
 
 struct ringd_features {
-    uint32_t abi;
-    uint32_t liburing_major;
+    uint32_t liburing_major;   /* the liburing ringd was built against */
     uint32_t liburing_minor;
-    uint32_t kernel_features;  /* io_uring_params.features of a probe ring */
-    uint32_t have_defer_taskrun;
-    uint32_t have_single_issuer;
-    uint32_t have_sqpoll;
-    uint32_t have_multishot_accept;
-    uint32_t have_splice;
-    uint32_t have_cqe_skip;
+    uint32_t have_cqe_skip;    /* IORING_FEAT_CQE_SKIP (5.17+) */
 };
 
 /* Run a worker until it is told to stop or has drained. Returns 0, or a
  * negative errno if setup failed (nothing was accepted in that case). */
 int ringd_worker_run(const struct ringd_worker_cfg *cfg);
 
-/* Probe what the running kernel offers; fills *f. Returns 0 or -errno. */
+/* Fills *f (the liburing version even if the kernel has no io_uring).
+ * Returns 0 or -errno. */
 int ringd_probe(struct ringd_features *f);
 
 /* Helpers for tests and tooling. */
