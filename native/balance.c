@@ -288,14 +288,7 @@ void server_connect_failed(struct worker *w, int server, int err)
     const struct ringd_upstream_cfg *up = &w->cfg->upstreams[w->cfg->servers[server].upstream];
 
     __atomic_fetch_add(&s->failures, 1, __ATOMIC_RELAXED);
-    w->cfail_pending++;
-    w->cfail_last_err = err;
-    w->cfail_last_server = (uint32_t)server;
-    if (w->now_ms - w->cfail_last_ms >= 1000) {
-        event_send(w, RINGD_EV_CONNECT_FAIL, err, (uint32_t)server, 0, w->cfail_pending);
-        w->cfail_pending = 0;
-        w->cfail_last_ms = w->now_ms;
-    }
+    event_connect_fail(w, server, err);
     if (up->max_fails == 0)
         return;
     if (w->now_ms - s->fail_window_start > up->fail_timeout_ms) {

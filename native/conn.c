@@ -177,14 +177,7 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     if (idx < 0) {
         st->no_server++;
-        struct upstream_rt *u = &w->us[lc->upstream];
-        u->no_server_pending++;
-        if (w->now_ms - u->no_server_last_ms >= 1000) {
-            event_send(w, RINGD_EV_NO_SERVER, c->err, c->listener, lc->upstream,
-                       u->no_server_pending);
-            u->no_server_pending = 0;
-            u->no_server_last_ms = w->now_ms;
-        }
+        event_no_server(w, c->err, c->listener, lc->upstream);
         conn_close(w, c, RINGD_END_CONNECT, c->err ? c->err : EHOSTUNREACH);
         return;
     }

@@ -2,9 +2,8 @@
  * control.c: the control channel between the master and this worker.
  *
  * A SOCK_SEQPACKET socketpair: the master sends struct ringd_cmd (drain,
- * stop), the worker sends struct ringd_event (ready, accept paused, ...).
- * The C loop never prints: what the operator should see travels to the
- * master as an event and is logged there. A recv on the control socket stays
+ * stop), the worker sends struct ringd_event (ready, accept paused, ...;
+ * events.c). A recv on the control socket stays
  * armed in the ring; EOF on it means the master is gone, and the worker
  * drains on its own instead of living on as an orphan.
  */
@@ -13,17 +12,6 @@
 #include <errno.h>
 #include <string.h>
 #include <unistd.h>
-
-void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c)
-{
-    struct ringd_event ev = { .type = type, .err = err, .a = a, .b = b, .c = c };
-
-    if (w->ctrl_fd < 0)
-        return;
-    /* non-blocking: if the master cannot keep up, the event is lost, the
-     * counters in shared memory still tell the story */
-    (void)send(w->ctrl_fd, &ev, sizeof(ev), MSG_DONTWAIT | MSG_NOSIGNAL);
-}
 
 void ctrl_arm(struct worker *w)
 {

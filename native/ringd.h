@@ -157,7 +157,7 @@ struct listener_rt {
 struct upstream_rt {
     int32_t *cur_weight;    /* smooth weighted round robin state, [nservers] */
     uint32_t rr_next;       /* tie breaking */
-    uint64_t no_server_pending;   /* for rate limited events */
+    uint64_t no_server_pending;   /* events.c: the rate limited no-server event */
     uint64_t no_server_last_ms;
 };
 
@@ -254,12 +254,18 @@ struct worker {
     uint32_t *full;
     uint32_t full_epoch;
 
-    /* rate limited connect failure event */
+    /* events.c: the rate limited connect failure event */
     uint64_t cfail_pending;
     uint64_t cfail_last_ms;
     int cfail_last_err;
     uint32_t cfail_last_server;
 };
+
+/* events.c */
+void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
+void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream);
+void event_connect_fail(struct worker *w, int server, int err);
+void events_tick(struct worker *w);
 
 /* ring.c */
 int ring_setup(struct worker *w);
@@ -346,7 +352,6 @@ void server_connect_failed(struct worker *w, int server, int err);
 /* control.c */
 void ctrl_arm(struct worker *w);
 void ctrl_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
-void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
 void worker_begin_drain(struct worker *w, uint64_t deadline_ms);
 void check_accept_stopped(struct worker *w);
 

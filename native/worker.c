@@ -142,12 +142,7 @@ static void on_tick(struct worker *w)
     } else if (w->stopping && w->now_ms >= w->drain_deadline_ms + STOP_GRACE_MS) {
         w->exit_loop = true;    /* something never completed: leave anyway */
     }
-    if (w->cfail_pending && w->now_ms - w->cfail_last_ms >= 1000) {
-        event_send(w, RINGD_EV_CONNECT_FAIL, w->cfail_last_err, w->cfail_last_server, 0,
-                   w->cfail_pending);
-        w->cfail_pending = 0;
-        w->cfail_last_ms = w->now_ms;
-    }
+    events_tick(w);
     tick_arm(w);
 }
 

@@ -1,0 +1,64 @@
+/*
+ * events.c: what the worker tells the master, a leaf every file may call.
+ *
+ * The C loop never prints: what the operator should see travels to the
+ * master as a struct ringd_event on the control socket (control.c owns the
+ * socket) and is logged there. Events that can come once per connection are
+ * rate limited here: at most one a second, carrying the count since the
+ * last one.
+ */
+#include "ringd.h"
+
+#include <sys/socket.h>
+
+#define EVENT_EVERY_MS 1000     /* a rate-limited event: at most this often */
+
+void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c)
+{
+    struct ringd_event ev = { .type = type, .err = err, .a = a, .b = b, .c = c };
+
+    if (w->ctrl_fd < 0)
+        return;
+    /* non-blocking: if the master cannot keep up, the event is lost, the
+     * counters in shared memory still tell the story */
+    (void)send(w->ctrl_fd, &ev, sizeof(ev), MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+/* A connection of listener li found no server in its upstream. */
+void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream)
+{
+    struct upstream_rt *u = &w->us[upstream];
+
+    u->no_server_pending++;
+    if (w->now_ms - u->no_server_last_ms >= EVENT_EVERY_MS) {
+        event_send(w, RINGD_EV_NO_SERVER, err, li, upstream, u->no_server_pending);
+        u->no_server_pending = 0;
+        u->no_server_last_ms = w->now_ms;
+    }
+}
+
+/* Connect failures held back by the rate limit go out once it allows. */
+static void connect_fail_flush(struct worker *w)
+{
+    if (w->cfail_pending && w->now_ms - w->cfail_last_ms >= EVENT_EVERY_MS) {
+        event_send(w, RINGD_EV_CONNECT_FAIL, w->cfail_last_err, w->cfail_last_server, 0,
+                   w->cfail_pending);
+        w->cfail_pending = 0;
+        w->cfail_last_ms = w->now_ms;
+    }
+}
+
+/* A connect to this server failed (the event names the last error and
+ * server, with the count of failures since the last event). */
+void event_connect_fail(struct worker *w, int server, int err)
+{
+    w->cfail_pending++;
+    w->cfail_last_err = err;
+    w->cfail_last_server = (uint32_t)server;
+    connect_fail_flush(w);
+}
+
+void events_tick(struct worker *w)
+{
+    connect_fail_flush(w);
+}
