@@ -2,16 +2,16 @@
  * control.c: the control channel between the master and this worker.
  *
  * A SOCK_SEQPACKET socketpair: the master sends struct ringd_cmd (drain,
- * stop), the worker sends struct ringd_event (ready, accept paused, ...;
- * events.c). A recv on the control socket stays
- * armed in the ring; EOF on it means the master is gone, and the worker
- * drains on its own instead of living on as an orphan.
+ * stop, poke), the worker sends struct ringd_event (events.c). A recv on
+ * the control socket stays armed in the ring; this file arms it and decodes
+ * what it brings. What a command does, and what the worker does when the
+ * master is gone (EOF: it drains on its own instead of living on as an
+ * orphan), is the drain lifecycle in worker.c.
  */
 #include "ringd.h"
 
 #include <errno.h>
 #include <string.h>
-#include <unistd.h>
 
 void ctrl_arm(struct worker *w)
 {
@@ -23,74 +23,22 @@ void ctrl_arm(struct worker *w)
     w->ctrl_armed = true;
 }
 
-/* Once a draining worker has no accept armed, it lets go of its copies of
- * the listening sockets, so that the master alone decides when a socket that
- * is no longer configured really closes. */
-void check_accept_stopped(struct worker *w)
-{
-    if (!w->draining || w->accept_stopped || w->accept_armed_count > 0)
-        return;
-    w->accept_stopped = true;
-    acceptors_close(w);
-    event_send(w, RINGD_EV_ACCEPT_STOPPED, 0, 0, 0, w->active);
-}
-
-void worker_begin_drain(struct worker *w, uint64_t deadline_ms)
-{
-    if (w->draining) {
-        if (deadline_ms < w->drain_deadline_ms)
-            w->drain_deadline_ms = deadline_ms;
-        return;
-    }
-    w->draining = true;
-    w->drain_deadline_ms = deadline_ms;
-    w->cfg->shm->state = RINGD_WS_DRAINING;
-    listener_stop_all(w);
-    event_send(w, RINGD_EV_DRAINING, 0, 0, 0, w->active);
-    check_accept_stopped(w);
-}
-
-void ctrl_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
+/* The recv on the control socket completed. CTRL_CMD: a command in *cmd;
+ * CTRL_NONE: nothing to do; either way the caller arms the recv again.
+ * CTRL_GONE: EOF or an error (*err, 0 for EOF): the master is gone. */
+int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err)
 {
     int res = cqe->res;
 
     w->ctrl_armed = false;
-    if (res == -EINTR || res == -EAGAIN) {
-        ctrl_arm(w);
-        return;
-    }
+    if (res == -EINTR || res == -EAGAIN)
+        return CTRL_NONE;
     if (res <= 0) {
-        /* EOF or error: the master is gone */
-        if (!w->stopping) {
-            event_send(w, RINGD_EV_ORPHANED, res < 0 ? -res : 0, 0, 0, w->active);
-            worker_begin_drain(w, w->now_ms + w->cfg->orphan_drain_ms);
-        }
-        return;
+        *err = res < 0 ? -res : 0;
+        return CTRL_GONE;
     }
-    if ((size_t)res >= sizeof(struct ringd_cmd)) {
-        struct ringd_cmd cmd;
-        memcpy(&cmd, w->ctrl_buf, sizeof(cmd));
-        switch (cmd.cmd) {
-        case RINGD_CMD_DRAIN:
-            worker_begin_drain(w, w->now_ms + cmd.arg);
-            break;
-        case RINGD_CMD_STOP:
-            if (!w->stopping) {
-                w->stopping = true;
-                w->draining = true;
-                w->drain_deadline_ms = w->now_ms;
-                w->cfg->shm->state = RINGD_WS_DRAINING;
-                listener_stop_all(w);
-                conn_close_all(w, RINGD_END_DRAIN);
-                check_accept_stopped(w);
-            }
-            break;
-        case RINGD_CMD_POKE_ACCEPT:
-            listener_poke(w);
-            break;
-        default:
-            break;
-        }
-    }
-    ctrl_arm(w);
+    if ((size_t)res < sizeof(struct ringd_cmd))
+        return CTRL_NONE;
+    memcpy(cmd, w->ctrl_buf, sizeof(*cmd));
+    return CTRL_CMD;
 }

@@ -227,5 +227,4 @@ void on_accept(struct worker *w, struct io_uring_cqe *cqe)
         else
             acceptor_arm(w, ai);
     }
-    check_accept_stopped(w);
 }

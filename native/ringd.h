@@ -350,9 +350,8 @@ bool conn_tried(const struct conn *c, uint32_t s);
 void server_connect_failed(struct worker *w, int server, int err);
 
 /* control.c */
+enum { CTRL_NONE, CTRL_CMD, CTRL_GONE };
 void ctrl_arm(struct worker *w);
-void ctrl_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
-void worker_begin_drain(struct worker *w, uint64_t deadline_ms);
-void check_accept_stopped(struct worker *w);
+int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err);
 
 #endif

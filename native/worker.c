@@ -5,6 +5,11 @@
  * handle every completion that is ready, advance the CQ once. Everything
  * periodic (heartbeat, idle timeouts, resuming a paused accept, the drain
  * deadline) hangs off one timer completion every RINGD_TICK_MS.
+ *
+ * The drain lifecycle lives here too: the master's commands (drain, stop,
+ * poke; control.c decodes them), draining on its own when the master is
+ * gone, letting go of the listening sockets once no accept is armed, the
+ * drain deadline, and leaving the loop.
  */
 #include "ringd.h"
 
@@ -146,14 +151,95 @@ static void on_tick(struct worker *w)
     tick_arm(w);
 }
 
+/* ------------------------------------------------------------ drain lifecycle */
+
+/* Once a draining worker has no accept armed, it lets go of its copies of
+ * the listening sockets, so that the master alone decides when a socket that
+ * is no longer configured really closes. */
+static void check_accept_stopped(struct worker *w)
+{
+    if (!w->draining || w->accept_stopped || w->accept_armed_count > 0)
+        return;
+    w->accept_stopped = true;
+    acceptors_close(w);
+    event_send(w, RINGD_EV_ACCEPT_STOPPED, 0, 0, 0, w->active);
+}
+
+static void worker_begin_drain(struct worker *w, uint64_t deadline_ms)
+{
+    if (w->draining) {
+        if (deadline_ms < w->drain_deadline_ms)
+            w->drain_deadline_ms = deadline_ms;
+        return;
+    }
+    w->draining = true;
+    w->drain_deadline_ms = deadline_ms;
+    w->cfg->shm->state = RINGD_WS_DRAINING;
+    listener_stop_all(w);
+    event_send(w, RINGD_EV_DRAINING, 0, 0, 0, w->active);
+    check_accept_stopped(w);
+}
+
+/* stop: stop accepting and close every connection now */
+static void worker_stop(struct worker *w)
+{
+    if (w->stopping)
+        return;
+    w->stopping = true;
+    w->draining = true;
+    w->drain_deadline_ms = w->now_ms;
+    w->cfg->shm->state = RINGD_WS_DRAINING;
+    listener_stop_all(w);
+    conn_close_all(w, RINGD_END_DRAIN);
+    check_accept_stopped(w);
+}
+
+/* A command from the master, or the master gone (control.c). */
+static void on_ctrl(struct worker *w, struct io_uring_cqe *cqe)
+{
+    struct ringd_cmd cmd;
+    int err = 0;
+
+    switch (ctrl_recv(w, cqe, &cmd, &err)) {
+    case CTRL_GONE:
+        /* EOF or error: the master is gone */
+        if (!w->stopping) {
+            event_send(w, RINGD_EV_ORPHANED, err, 0, 0, w->active);
+            worker_begin_drain(w, w->now_ms + w->cfg->orphan_drain_ms);
+        }
+        return;
+    case CTRL_CMD:
+        switch (cmd.cmd) {
+        case RINGD_CMD_DRAIN:
+            worker_begin_drain(w, w->now_ms + cmd.arg);
+            break;
+        case RINGD_CMD_STOP:
+            worker_stop(w);
+            break;
+        case RINGD_CMD_POKE_ACCEPT:
+            listener_poke(w);
+            break;
+        default:
+            break;
+        }
+        break;
+    default:
+        break;
+    }
+    ctrl_arm(w);
+}
+
+/* ------------------------------------------------------------ the loop */
+
 static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
 {
     switch (ud_op(cqe->user_data)) {
     case OP_ACCEPT:
         on_accept(w, cqe);
+        check_accept_stopped(w);
         break;
     case OP_CTRL:
-        ctrl_on_cqe(w, cqe);
+        on_ctrl(w, cqe);
         break;
     case OP_TICK:
         on_tick(w);
