@@ -18,7 +18,7 @@
  * not one per recv). Once per decay window without the ring running dry,
  * the target comes down to twice what the window used. Buffers already
  * posted above a lowered target belong to the kernel until a recv picks one;
- * the next trim takes them back (bufring_retract).
+ * the next trim takes them back (bufring_retract_begin/_end).
  *
  * Memory goes back in idle_trim (worker.c) through bufring_trim: buffers
  * that sat at the bottom of the free stack since the last trim have their
@@ -166,7 +166,7 @@ void bufring_refill(struct worker *w)
         return;
     while (w->br_posted < w->br_target && w->br_nfree > 0 && w->br_posted < BR_ENTRIES) {
         uint16_t bid = w->br_free[--w->br_nfree];
-        /* which buffer sits in which ring entry, for bufring_retract */
+        /* which buffer sits in which ring entry, for bufring_retract_end */
         w->br_ring_bid[(uint16_t)(w->br->tail + n) & mask] = bid;
         io_uring_buf_ring_add(w->br, bufring_addr(w, bid), w->br_size, bid, mask, n);
         n++;
@@ -205,8 +205,8 @@ void bufring_release(struct worker *w, uint16_t bid)
 /* A recv found the ring empty: remember it, and post more next time. */
 void bufring_wait(struct worker *w, uint64_t token)
 {
-    /* (while bufring_retract has the ring unregistered, an empty ring is
-     * no shortage) */
+    /* (while a retract has the ring unregistered, an empty ring is no
+     * shortage) */
     if (w->br_registered)
         w->br_dry = true;
     if (w->br_registered && w->br_grow_pass != w->passes && w->br_target < w->br_max) {
@@ -227,25 +227,26 @@ void bufring_wait(struct worker *w, uint64_t token)
     w->cfg->shm->buf_waits++;
 }
 
-/* After a batch of completions: top the ring up, then retry the recvs that
- * found it empty (only if there is something to give them). */
-void bufring_service(struct worker *w)
+/* After a batch of completions: top the ring up. Returns how many recvs
+ * found it empty, with their user_data tokens in *waiters for the loop to
+ * retry (the caller frees the list), or 0 while there is nothing to give
+ * them. */
+uint32_t bufring_service(struct worker *w, uint64_t **waiters)
 {
+    *waiters = NULL;
     if (!w->br)
-        return;
+        return 0;
     if (!w->br_registered && br_register(w) == 0)
         w->br_posted = 0;     /* a retract could not register it again: retry */
     bufring_refill(w);
     if (w->br_nwait == 0 || w->br_posted == 0)
-        return;
+        return 0;
     uint32_t n = w->br_nwait;
-    uint64_t *list = w->br_wait;
+    *waiters = w->br_wait;
     w->br_wait = NULL;
     w->br_nwait = 0;
     w->br_wait_cap = 0;
-    for (uint32_t i = 0; i < n; i++)
-        conn_retry_recv(w, list[i]);
-    free(list);
+    return n;
 }
 
 /* Once per window: the ring never held fewer than br_posted_min unused
@@ -296,8 +297,8 @@ static void drop_pages(struct worker *w, uint16_t *ids, uint32_t n)
  * starts over. Otherwise only buffers that stayed on the free stack since
  * the last trim or growth, i.e. the bottom br_nfree_min entries of the LIFO
  * stack, which nothing popped in that time. Buffers posted above the target
- * are taken back by bufring_retract, which the loop runs once every
- * completion so far is handled.
+ * are taken back by bufring_retract_begin/_end, which the loop runs once
+ * every completion so far is handled.
  */
 bool bufring_trim(struct worker *w, bool idle)
 {
@@ -350,29 +351,38 @@ static int br_kernel_head(struct worker *w)
  * none yet: it completes with -ENOBUFS and waits like any other). A recv
  * that took a buffer did so under the ring's lock, which unregistering takes
  * too, and posted its completion before letting go; once those completions
- * are handled (worker_reap), br_posted counts exactly the entries no recv
- * took, the newest br_posted ones (the kernel takes them in order). Where
- * the kernel tells its head (6.8+), a recv still holding a buffer it has not
- * completed (only an io-wq recv could) postpones the retract to a later trim.
- * Run by the event loop between passes, never inside a completion handler.
+ * are handled, br_posted counts exactly the entries no recv took, the newest
+ * br_posted ones (the kernel takes them in order). Where the kernel tells
+ * its head (6.8+), a recv still holding a buffer it has not completed (only
+ * an io-wq recv could) postpones the retract to a later trim.
+ *
+ * The event loop drives it between passes, never inside a completion
+ * handler (worker.c, retract_buffers): it handles every completion so far,
+ * bufring_retract_begin unregisters the ring (false: nothing to take back,
+ * or postponed), the loop handles the completions again, and
+ * bufring_retract_end takes the buffers back and registers the ring again;
+ * then the recvs that found no ring meanwhile are retried (bufring_service).
  */
-void bufring_retract(struct worker *w)
+bool bufring_retract_begin(struct worker *w)
 {
-    int mask = io_uring_buf_ring_mask(BR_ENTRIES);
-
     w->br_retract = false;
     if (!w->br || !w->br_registered || w->br_posted <= w->br_target)
-        return;
-    worker_reap(w);
+        return false;
     uint16_t tail = w->br->tail;    /* only we move it */
     int head = br_kernel_head(w);
     if (head >= 0 && (uint16_t)head != (uint16_t)(tail - w->br_posted))
-        return;
+        return false;
     io_uring_unregister_buf_ring(&w->ring, RINGD_BGID);
     w->br_registered = false;
-    worker_reap(w);
-    uint16_t first = (uint16_t)(tail - w->br_posted);
+    return true;
+}
+
+void bufring_retract_end(struct worker *w)
+{
+    int mask = io_uring_buf_ring_mask(BR_ENTRIES);
+    uint16_t first = (uint16_t)(w->br->tail - w->br_posted);
     uint32_t n = w->br_posted;
+
     for (uint32_t k = 0; k < n; k++)
         w->br_scratch[k] = w->br_ring_bid[(uint16_t)(first + k) & mask];
     drop_pages(w, w->br_scratch, n);
@@ -383,5 +393,4 @@ void bufring_retract(struct worker *w)
         bufring_refill(w);
     w->br_posted_min = w->br_posted;
     w->cfg->shm->bufs_posted = w->br_posted;
-    bufring_service(w);     /* recvs that found no ring meanwhile */
 }

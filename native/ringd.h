@@ -292,15 +292,14 @@ void bufring_refill(struct worker *w);
 void bufring_consumed(struct worker *w, uint16_t bid);
 void bufring_release(struct worker *w, uint16_t bid);
 void bufring_wait(struct worker *w, uint64_t token);
-void bufring_service(struct worker *w);
+uint32_t bufring_service(struct worker *w, uint64_t **waiters);
 void bufring_decay(struct worker *w);
 bool bufring_trim(struct worker *w, bool idle);
-void bufring_retract(struct worker *w);
+bool bufring_retract_begin(struct worker *w);
+void bufring_retract_end(struct worker *w);
 
 /* worker.c: something grew (memory or fds the worker may later give back) */
 void note_growth(struct worker *w);
-/* worker.c: handle every completion the kernel has posted so far */
-void worker_reap(struct worker *w);
 
 /* A connection needs 2 fds (its sockets) to be admitted. Pipes (2 fds per
  * splicing direction) are optional: with no fd to spare a direction copies
@@ -335,10 +334,13 @@ void lru_touch(struct worker *w, struct conn *c);
 void lru_unlink(struct conn *c);
 
 /* writable.c */
+#define WRITABLE_BATCH 64
 int writable_setup(struct worker *w);
 void writable_free(struct worker *w);
 int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token);
+void writable_arm(struct worker *w);
 void writable_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
+uint32_t writable_ready(struct worker *w, uint64_t *tokens, uint32_t max);
 
 /* balance.c */
 int balance_init(struct worker *w);

@@ -231,6 +231,21 @@ static void on_ctrl(struct worker *w, struct io_uring_cqe *cqe)
 
 /* ------------------------------------------------------------ the loop */
 
+/* Destinations that take more again (writable.c): their directions go on. */
+static void on_writable(struct worker *w, struct io_uring_cqe *cqe)
+{
+    uint64_t tokens[WRITABLE_BATCH];
+    uint32_t n;
+
+    writable_on_cqe(w, cqe);
+    do {
+        n = writable_ready(w, tokens, WRITABLE_BATCH);
+        for (uint32_t k = 0; k < n; k++)
+            conn_writable(w, tokens[k]);
+    } while (n == WRITABLE_BATCH);
+    writable_arm(w);
+}
+
 static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
 {
     switch (ud_op(cqe->user_data)) {
@@ -245,7 +260,7 @@ static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
         on_tick(w);
         break;
     case OP_EPOLL:
-        writable_on_cqe(w, cqe);
+        on_writable(w, cqe);
         break;
     case OP_ACCEPT_CANCEL:
     case OP_CANCEL:
@@ -272,7 +287,7 @@ static unsigned reap_once(struct worker *w)
     return n;
 }
 
-void worker_reap(struct worker *w)
+static void worker_reap(struct worker *w)
 {
     /* completions that did not fit in the CQ wait in the kernel's overflow
      * list until an io_uring_enter with GETEVENTS moves them over */
@@ -280,6 +295,31 @@ void worker_reap(struct worker *w)
         if (io_uring_cq_has_overflow(&w->ring))
             io_uring_get_events(&w->ring);
     }
+}
+
+/* After a batch of completions: the buffer ring is topped up, and the recvs
+ * that found it empty try again (bufring.c keeps the list). */
+static void retry_recvs(struct worker *w)
+{
+    uint64_t *waiters;
+    uint32_t n = bufring_service(w, &waiters);
+
+    for (uint32_t i = 0; i < n; i++)
+        conn_retry_recv(w, waiters[i]);
+    free(waiters);
+}
+
+/* Take back the buffers posted above the buffer ring's target (bufring.c
+ * says why it goes this way). Between passes, never inside a completion
+ * handler. */
+static void retract_buffers(struct worker *w)
+{
+    worker_reap(w);
+    if (!bufring_retract_begin(w))
+        return;
+    worker_reap(w);
+    bufring_retract_end(w);
+    retry_recvs(w);     /* recvs that found no ring meanwhile */
 }
 
 static int worker_alloc(struct worker *w)
@@ -431,9 +471,9 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
         w.now_ms = mono_ms();
 
         reap_once(&w);
-        bufring_service(&w);
+        retry_recvs(&w);
         if (w.br_retract)
-            bufring_retract(&w);
+            retract_buffers(&w);
         w.passes++;
         cfg->shm->loops++;
 

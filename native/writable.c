@@ -32,8 +32,6 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#define EP_BATCH 64
-
 int writable_setup(struct worker *w)
 {
     w->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -47,7 +45,9 @@ void writable_free(struct worker *w)
     w->epfd = -1;
 }
 
-static void ep_arm(struct worker *w)
+/* Watch the epoll set from the ring (one POLL_ADD on its fd), unless that
+ * is armed already. */
+void writable_arm(struct worker *w)
 {
     if (w->ep_armed || w->epfd < 0)
         return;
@@ -57,7 +57,8 @@ static void ep_arm(struct worker *w)
     w->ep_armed = true;
 }
 
-/* Wait until direction i's destination can take more; then conn_writable. */
+/* Wait until direction i's destination can take more: the token comes back
+ * from writable_ready. */
 int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token)
 {
     struct dir *d = &c->d[i];
@@ -73,21 +74,29 @@ int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token)
             return -errno;
     }
     d->flags |= DF_EPOLL_ADDED | DF_OUT_EPOLL | DF_OUT_BUSY;
-    ep_arm(w);
+    writable_arm(w);
     return 0;
 }
 
+/* The ring's poll on the epoll set completed: it is no longer armed. The
+ * loop then takes the ready tokens (writable_ready, while it returns a full
+ * batch) and arms the poll again (writable_arm). */
 void writable_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
 {
-    struct epoll_event evs[EP_BATCH];
-    int n;
-
     (void)cqe;
     w->ep_armed = false;
-    do {
-        n = epoll_wait(w->epfd, evs, EP_BATCH, 0);
-        for (int k = 0; k < n; k++)
-            conn_writable(w, evs[k].data.u64);
-    } while (n == EP_BATCH);
-    ep_arm(w);
+}
+
+/* Up to max tokens of waits that are over (one-shot: each comes once). */
+uint32_t writable_ready(struct worker *w, uint64_t *tokens, uint32_t max)
+{
+    struct epoll_event evs[WRITABLE_BATCH];
+    int n;
+
+    if (max > WRITABLE_BATCH)
+        max = WRITABLE_BATCH;
+    n = epoll_wait(w->epfd, evs, (int)max, 0);
+    for (int k = 0; k < n; k++)
+        tokens[k] = evs[k].data.u64;
+    return n > 0 ? (uint32_t)n : 0;
 }
