@@ -29,12 +29,10 @@
  */
 #include "ringd.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -212,8 +210,23 @@ static void conn_connect(struct worker *w, struct conn *c)
     c->inflight += 2;
 }
 
-static void build_proxy_header(struct worker *w, struct conn *c, unsigned version);
 static void start_forwarding(struct worker *w, struct conn *c);
+
+/* The PROXY protocol header for the server (proxy_send.c), from the client's
+ * address and the address it connected to; one we could not read goes as
+ * UNKNOWN (v1) or LOCAL (v2). */
+static void proxy_header(struct conn *c, unsigned version)
+{
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof(local);
+    const struct sockaddr *src = c->client_len > 0 ? (const struct sockaddr *)c->client : NULL;
+    const struct sockaddr *dst = NULL;
+
+    if (src && getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0)
+        dst = (const struct sockaddr *)&local;
+    c->hdr_len = proxy_send_build(version, src, dst, c->hdr);
+    c->hdr_off = 0;
+}
 
 static void on_connect(struct worker *w, struct conn *c, int res)
 {
@@ -235,7 +248,7 @@ static void on_connect(struct worker *w, struct conn *c, int res)
             }
         }
         if (up->proxy_protocol) {
-            build_proxy_header(w, c, up->proxy_protocol);
+            proxy_header(c, up->proxy_protocol);
             c->state = CS_HEADER;
             struct io_uring_sqe *sqe = get_sqe(w);
             io_uring_prep_send(sqe, c->sfd, c->hdr, c->hdr_len, MSG_NOSIGNAL);
@@ -281,76 +294,6 @@ static void on_hdr_send(struct worker *w, struct conn *c, int res)
         return;
     }
     start_forwarding(w, c);
-}
-
-/* PROXY protocol v1 (text) or v2 (binary), from the client's address and the
- * address it connected to. An address we could not read is sent as UNKNOWN
- * (v1) or LOCAL (v2), as the spec allows. */
-static void build_proxy_header(struct worker *w, struct conn *c, unsigned version)
-{
-    (void)w;
-    struct sockaddr_storage local;
-    socklen_t llen = sizeof(local);
-    const struct sockaddr *peer = (const struct sockaddr *)c->client;
-    bool ok = c->client_len > 0 &&
-              getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0 &&
-              local.ss_family == peer->sa_family &&
-              (peer->sa_family == AF_INET || peer->sa_family == AF_INET6);
-
-    if (version == 1) {
-        char src[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN];
-        int n;
-        if (!ok) {
-            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY UNKNOWN\r\n");
-        } else if (peer->sa_family == AF_INET) {
-            const struct sockaddr_in *p = (const void *)peer, *l = (const void *)&local;
-            inet_ntop(AF_INET, &p->sin_addr, src, sizeof(src));
-            inet_ntop(AF_INET, &l->sin_addr, dst, sizeof(dst));
-            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY TCP4 %s %s %u %u\r\n", src,
-                         dst, ntohs(p->sin_port), ntohs(l->sin_port));
-        } else {
-            const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)&local;
-            inet_ntop(AF_INET6, &p->sin6_addr, src, sizeof(src));
-            inet_ntop(AF_INET6, &l->sin6_addr, dst, sizeof(dst));
-            n = snprintf((char *)c->hdr, sizeof(c->hdr), "PROXY TCP6 %s %s %u %u\r\n", src,
-                         dst, ntohs(p->sin6_port), ntohs(l->sin6_port));
-        }
-        c->hdr_len = (uint16_t)n;
-        c->hdr_off = 0;
-        return;
-    }
-
-    static const uint8_t sig[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D,
-                                     0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
-    uint8_t *h = c->hdr;
-    memcpy(h, sig, 12);
-    uint16_t alen = 0;
-    if (!ok) {
-        h[12] = 0x20;     /* version 2, LOCAL */
-        h[13] = 0x00;     /* UNSPEC */
-    } else if (peer->sa_family == AF_INET) {
-        const struct sockaddr_in *p = (const void *)peer, *l = (const void *)&local;
-        h[12] = 0x21;     /* version 2, PROXY */
-        h[13] = 0x11;     /* TCP over IPv4 */
-        memcpy(h + 16, &p->sin_addr, 4);
-        memcpy(h + 20, &l->sin_addr, 4);
-        memcpy(h + 24, &p->sin_port, 2);
-        memcpy(h + 26, &l->sin_port, 2);
-        alen = 12;
-    } else {
-        const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)&local;
-        h[12] = 0x21;
-        h[13] = 0x21;     /* TCP over IPv6 */
-        memcpy(h + 16, &p->sin6_addr, 16);
-        memcpy(h + 32, &l->sin6_addr, 16);
-        memcpy(h + 48, &p->sin6_port, 2);
-        memcpy(h + 50, &l->sin6_port, 2);
-        alen = 36;
-    }
-    h[14] = (uint8_t)(alen >> 8);
-    h[15] = (uint8_t)(alen & 0xff);
-    c->hdr_len = (uint16_t)(16 + alen);
-    c->hdr_off = 0;
 }
 
 static void start_forwarding(struct worker *w, struct conn *c)

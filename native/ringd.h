@@ -22,6 +22,7 @@
 #include "ringd_api.h"
 #include "tls_hello.h"
 #include "proxy_recv.h"
+#include "proxy_send.h"
 
 #define RINGD_TICK_MS 100
 #define RINGD_BGID 1          /* buffer group of the copy path */
@@ -129,7 +130,7 @@ struct conn {
     uint32_t next_free;
     uint8_t client[RINGD_ADDR_MAX];
     uint32_t client_len;
-    uint8_t hdr[108];       /* PROXY header being sent (v1 max 107, v2 max 52+) */
+    uint8_t hdr[PROXY_SEND_MAX];   /* PROXY header being sent (proxy_send.c) */
     uint16_t hdr_len, hdr_off;
 };
 
