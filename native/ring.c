@@ -108,6 +108,15 @@ void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe)
         sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
 }
 
+/* Cancel the op with this user_data; quiet: a cancel needs no handling. */
+void sqe_cancel(struct worker *w, uint64_t target)
+{
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_cancel64(sqe, target, 0);
+    io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
+    sqe_quiet(w, sqe);
+}
+
 /* An SQE, submitting what is queued if the SQ ring is full. */
 struct io_uring_sqe *get_sqe(struct worker *w)
 {

@@ -67,6 +67,7 @@ static inline uint32_t ud_slot(uint64_t ud) { return (uint32_t)ud; }
 
 enum conn_state {
     CS_FREE = 0,
+    CS_ACCEPTED,        /* the steps before connecting (conn.c, conn_preconnect) */
     CS_CONNECTING,      /* connect to a server in flight */
     CS_HEADER,          /* sending the PROXY protocol header */
     CS_FORWARDING,
@@ -272,6 +273,7 @@ void events_tick(struct worker *w);
 int ring_setup(struct worker *w);
 struct io_uring_sqe *get_sqe(struct worker *w);
 void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe);
+void sqe_cancel(struct worker *w, uint64_t target);
 uint64_t mono_ms(void);
 uint64_t mono_us(void);
 uint64_t real_ns(void);
@@ -326,8 +328,30 @@ void conn_start(struct worker *w, uint32_t li, int cfd);
 void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
-void conn_retry_recv(struct worker *w, uint64_t token);
-void conn_writable(struct worker *w, uint64_t token);
+
+static inline uint32_t conn_slot(struct worker *w, struct conn *c)
+{
+    return (uint32_t)(c - w->conns);
+}
+
+/* the user_data of a connection's op */
+static inline uint64_t conn_ud(struct worker *w, struct conn *c, enum op op, unsigned dir)
+{
+    return ud_make(op, dir, conn_slot(w, c), c->gen);
+}
+
+static inline struct ringd_listener_stats *conn_lstats(struct worker *w, struct conn *c)
+{
+    return &w->cfg->lstats[c->listener];
+}
+
+/* forward.c */
+void forward_start(struct worker *w, struct conn *c);
+void forward_on_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe);
+void forward_cancel(struct worker *w, struct conn *c);
+void forward_release(struct worker *w, struct conn *c);
+void forward_writable(struct worker *w, uint64_t token);
+void forward_retry_recv(struct worker *w, uint64_t token);
 
 /* idle.c */
 void conn_expire_idle(struct worker *w);

@@ -241,7 +241,7 @@ static void on_writable(struct worker *w, struct io_uring_cqe *cqe)
     do {
         n = writable_ready(w, tokens, WRITABLE_BATCH);
         for (uint32_t k = 0; k < n; k++)
-            conn_writable(w, tokens[k]);
+            forward_writable(w, tokens[k]);
     } while (n == WRITABLE_BATCH);
     writable_arm(w);
 }
@@ -305,7 +305,7 @@ static void retry_recvs(struct worker *w)
     uint32_t n = bufring_service(w, &waiters);
 
     for (uint32_t i = 0; i < n; i++)
-        conn_retry_recv(w, waiters[i]);
+        forward_retry_recv(w, waiters[i]);
     free(waiters);
 }
 
