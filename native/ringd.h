@@ -5,6 +5,38 @@
  * table with a free list; every SQE carries user_data = (op, slot, slot
  * generation), so a completion that arrives after its slot was reused is
  * recognised and dropped instead of touching the new connection.
+ *
+ * Which file owns what:
+ *   worker.c      the loop (dispatch, tick, giving memory back) and the drain
+ *                 lifecycle (drain, stop, orphaned, accept stopped, exit)
+ *   control.c     the control socket: arm its recv, decode a command
+ *   listener.c    accepting: arm and cancel accepts, pause and resume
+ *                 (max_connections, fd shortage), poke
+ *   conn.c        a connection's life: accept -> the steps before connecting
+ *                 -> connect (retries) -> PROXY header -> forwarding ->
+ *                 closing -> free, and its access-log record
+ *   balance.c     which server; passive health
+ *   forward.c     the two directions of a forwarding connection: copy and
+ *                 splice pumps, FIN forwarding
+ *   idle.c        idle_timeout: the idle and probe lists, the sweep
+ *   writable.c    waiting for destinations io_uring cannot poll (epoll)
+ *   bufring.c     the provided buffers of the copy path
+ *   pipes.c       the pipe pool, the plain buffer pool
+ *   events.c      events to the master, rate limited where they repeat
+ *   ring.c        ring setup, SQE helpers, clocks, ringd_probe
+ *   proxy_send.c / proxy_recv.c   the PROXY protocol codec: the header we
+ *                 send a server / the one a client sends us (leaves)
+ *   tls_hello.c   the TLS ClientHello parser (a leaf)
+ *
+ * Which way calls go: a file calls only the files to its right in
+ *   worker -> control, listener -> conn -> balance, proxy_send, forward
+ *          -> idle, writable, bufring, pipes -> events, ring
+ * (writable.c and bufring.c hand the waits that are over back to the loop,
+ * which calls forward.c). Two calls go up, each an end or an admission
+ * decision: conn_close, from forward.c and idle.c (a direction or the idle
+ * sweep ends its connection), and listener_pause / listener_maybe_resume,
+ * from conn.c (a connection that finds no fd, or frees its slot, changes
+ * whether its listener may accept).
  */
 #ifndef RINGD_H
 #define RINGD_H
@@ -263,56 +295,15 @@ struct worker {
     uint32_t cfail_last_server;
 };
 
-/* events.c */
-void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
-void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream);
-void event_connect_fail(struct worker *w, int server, int err);
-void events_tick(struct worker *w);
+/* ------------------------------------------------------------ the files
+ *
+ * In the order calls go (see the top of this file). worker.c has nothing
+ * here: nothing calls it (ringd_worker_run is in ringd_api.h). */
 
-/* ring.c */
-int ring_setup(struct worker *w);
-struct io_uring_sqe *get_sqe(struct worker *w);
-void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe);
-void sqe_cancel(struct worker *w, uint64_t target);
-uint64_t mono_ms(void);
-uint64_t mono_us(void);
-uint64_t real_ns(void);
-
-/* pipes.c */
-int pipe_get(struct worker *w, struct pipe_ref *out);
-void pipe_put(struct worker *w, struct pipe_ref *p, bool dirty);
-void pipe_pool_drain(struct worker *w);
-uint32_t pipe_pool_trim(struct worker *w, uint32_t n);
-char *buf_get(struct worker *w);
-void buf_put(struct worker *w, char *b);
-void buf_pool_drain(struct worker *w);
-
-/* bufring.c */
-int bufring_setup(struct worker *w);
-void bufring_free(struct worker *w);
-char *bufring_addr(struct worker *w, uint16_t bid);
-void bufring_refill(struct worker *w);
-void bufring_consumed(struct worker *w, uint16_t bid);
-void bufring_release(struct worker *w, uint16_t bid);
-void bufring_wait(struct worker *w, uint64_t token);
-uint32_t bufring_service(struct worker *w, uint64_t **waiters);
-void bufring_decay(struct worker *w);
-bool bufring_trim(struct worker *w, bool idle);
-bool bufring_retract_begin(struct worker *w);
-void bufring_retract_end(struct worker *w);
-
-/* worker.c: something grew (memory or fds the worker may later give back) */
-void note_growth(struct worker *w);
-
-/* A connection needs 2 fds (its sockets) to be admitted. Pipes (2 fds per
- * splicing direction) are optional: with no fd to spare a direction copies
- * instead. So admission counts 2 per connection, and pipes only take what
- * is left after every listener could still accept one more connection. */
-#define FDS_PER_CONN 2
-static inline int64_t fd_headroom(const struct worker *w)
-{
-    return w->fd_budget - 2 * (int64_t)w->active - 2 * (int64_t)(w->pipes_out + w->npipes);
-}
+/* control.c */
+enum { CTRL_NONE, CTRL_CMD, CTRL_GONE };
+void ctrl_arm(struct worker *w);
+int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err);
 
 /* listener.c */
 void listener_arm(struct worker *w, uint32_t li);
@@ -345,6 +336,17 @@ static inline struct ringd_listener_stats *conn_lstats(struct worker *w, struct 
     return &w->cfg->lstats[c->listener];
 }
 
+/* balance.c */
+int balance_init(struct worker *w);
+void balance_free(struct worker *w);
+int balance_pick(struct worker *w, struct conn *c);
+void balance_begin(struct worker *w);
+void balance_mark_full(struct worker *w, uint32_t s);
+bool conn_tried(const struct conn *c, uint32_t s);
+void server_connect_failed(struct worker *w, int server, int err);
+
+/* proxy_send.c, proxy_recv.c, tls_hello.c: leaves with headers of their own */
+
 /* forward.c */
 void forward_start(struct worker *w, struct conn *c);
 void forward_on_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe);
@@ -367,18 +369,66 @@ void writable_arm(struct worker *w);
 void writable_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 uint32_t writable_ready(struct worker *w, uint64_t *tokens, uint32_t max);
 
-/* balance.c */
-int balance_init(struct worker *w);
-void balance_free(struct worker *w);
-int balance_pick(struct worker *w, struct conn *c);
-void balance_begin(struct worker *w);
-void balance_mark_full(struct worker *w, uint32_t s);
-bool conn_tried(const struct conn *c, uint32_t s);
-void server_connect_failed(struct worker *w, int server, int err);
+/* bufring.c */
+int bufring_setup(struct worker *w);
+void bufring_free(struct worker *w);
+char *bufring_addr(struct worker *w, uint16_t bid);
+void bufring_refill(struct worker *w);
+void bufring_consumed(struct worker *w, uint16_t bid);
+void bufring_release(struct worker *w, uint16_t bid);
+void bufring_wait(struct worker *w, uint64_t token);
+uint32_t bufring_service(struct worker *w, uint64_t **waiters);
+void bufring_decay(struct worker *w);
+bool bufring_trim(struct worker *w, bool idle);
+bool bufring_retract_begin(struct worker *w);
+void bufring_retract_end(struct worker *w);
 
-/* control.c */
-enum { CTRL_NONE, CTRL_CMD, CTRL_GONE };
-void ctrl_arm(struct worker *w);
-int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err);
+/* pipes.c */
+int pipe_get(struct worker *w, struct pipe_ref *out);
+void pipe_put(struct worker *w, struct pipe_ref *p, bool dirty);
+void pipe_pool_drain(struct worker *w);
+uint32_t pipe_pool_trim(struct worker *w, uint32_t n);
+char *buf_get(struct worker *w);
+void buf_put(struct worker *w, char *b);
+void buf_pool_drain(struct worker *w);
+
+/* events.c */
+void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
+void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream);
+void event_connect_fail(struct worker *w, int server, int err);
+void events_tick(struct worker *w);
+
+/* ring.c */
+int ring_setup(struct worker *w);
+struct io_uring_sqe *get_sqe(struct worker *w);
+void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe);
+void sqe_cancel(struct worker *w, uint64_t target);
+uint64_t mono_ms(void);
+uint64_t mono_us(void);
+uint64_t real_ns(void);
+
+/* ------------------------------------------------------------ bookkeeping
+ * (inline, for any file) */
+
+/* Something grew (memory or fds the worker may later give back): a trim is
+ * due once nothing grows for a while (worker.c, idle_trim). */
+static inline void note_growth(struct worker *w)
+{
+    w->trim_due = true;
+    w->quiet_since_ms = w->now_ms;
+    /* the low-water marks measure what stays unused from now on */
+    w->pipes_idle_min = w->npipes;
+    w->br_nfree_min = w->br_nfree;
+}
+
+/* A connection needs 2 fds (its sockets) to be admitted. Pipes (2 fds per
+ * splicing direction) are optional: with no fd to spare a direction copies
+ * instead. So admission counts 2 per connection, and pipes only take what
+ * is left after every listener could still accept one more connection. */
+#define FDS_PER_CONN 2
+static inline int64_t fd_headroom(const struct worker *w)
+{
+    return w->fd_budget - 2 * (int64_t)w->active - 2 * (int64_t)(w->pipes_out + w->npipes);
+}
 
 #endif

@@ -44,15 +44,6 @@ static void tick_arm(struct worker *w)
     io_uring_sqe_set_data64(sqe, ud_make(OP_TICK, 0, 0, 0));
 }
 
-void note_growth(struct worker *w)
-{
-    w->trim_due = true;
-    w->quiet_since_ms = w->now_ms;
-    /* the low-water marks measure what stays unused from now on */
-    w->pipes_idle_min = w->npipes;
-    w->br_nfree_min = w->br_nfree;
-}
-
 /*
  * The connection table is an anonymous mapping handed out in slot order
  * (high_water). A free slot has no operation in flight (it was freed at
