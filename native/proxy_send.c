@@ -12,61 +12,60 @@
 #include <stdio.h>
 #include <string.h>
 
+/* The address and port of an IPv4 or IPv6 socket address, both in network
+ * order; returns the size of the address. */
+static uint16_t addr_of(const struct sockaddr *sa, const void **addr, uint16_t *port)
+{
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const void *)sa;
+        *addr = &in->sin_addr;
+        *port = in->sin_port;
+        return 4;
+    }
+    const struct sockaddr_in6 *in6 = (const void *)sa;
+    *addr = &in6->sin6_addr;
+    *port = in6->sin6_port;
+    return 16;
+}
+
 uint16_t proxy_send_build(unsigned version, const struct sockaddr *peer,
                           const struct sockaddr *local, uint8_t *out)
 {
-    bool ok = peer && local && local->sa_family == peer->sa_family &&
-              (peer->sa_family == AF_INET || peer->sa_family == AF_INET6);
-
-    if (version == 1) {
-        char src[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN];
-        int n;
-        if (!ok) {
-            n = snprintf((char *)out, PROXY_SEND_MAX, "PROXY UNKNOWN\r\n");
-        } else if (peer->sa_family == AF_INET) {
-            const struct sockaddr_in *p = (const void *)peer, *l = (const void *)local;
-            inet_ntop(AF_INET, &p->sin_addr, src, sizeof(src));
-            inet_ntop(AF_INET, &l->sin_addr, dst, sizeof(dst));
-            n = snprintf((char *)out, PROXY_SEND_MAX, "PROXY TCP4 %s %s %u %u\r\n", src,
-                         dst, ntohs(p->sin_port), ntohs(l->sin_port));
-        } else {
-            const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)local;
-            inet_ntop(AF_INET6, &p->sin6_addr, src, sizeof(src));
-            inet_ntop(AF_INET6, &l->sin6_addr, dst, sizeof(dst));
-            n = snprintf((char *)out, PROXY_SEND_MAX, "PROXY TCP6 %s %s %u %u\r\n", src,
-                         dst, ntohs(p->sin6_port), ntohs(l->sin6_port));
-        }
-        return (uint16_t)n;
-    }
-
     static const uint8_t sig[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D,
                                      0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
-    uint8_t *h = out;
-    memcpy(h, sig, 12);
-    uint16_t alen = 0;
-    if (!ok) {
-        h[12] = 0x20;     /* version 2, LOCAL */
-        h[13] = 0x00;     /* UNSPEC */
-    } else if (peer->sa_family == AF_INET) {
-        const struct sockaddr_in *p = (const void *)peer, *l = (const void *)local;
-        h[12] = 0x21;     /* version 2, PROXY */
-        h[13] = 0x11;     /* TCP over IPv4 */
-        memcpy(h + 16, &p->sin_addr, 4);
-        memcpy(h + 20, &l->sin_addr, 4);
-        memcpy(h + 24, &p->sin_port, 2);
-        memcpy(h + 26, &l->sin_port, 2);
-        alen = 12;
-    } else {
-        const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)local;
-        h[12] = 0x21;
-        h[13] = 0x21;     /* TCP over IPv6 */
-        memcpy(h + 16, &p->sin6_addr, 16);
-        memcpy(h + 32, &l->sin6_addr, 16);
-        memcpy(h + 48, &p->sin6_port, 2);
-        memcpy(h + 50, &l->sin6_port, 2);
-        alen = 36;
+    bool ok = peer && local && local->sa_family == peer->sa_family &&
+              (peer->sa_family == AF_INET || peer->sa_family == AF_INET6);
+    const void *src = NULL, *dst = NULL;
+    uint16_t sport = 0, dport = 0, n = 0;
+
+    if (ok) {
+        n = addr_of(peer, &src, &sport);
+        addr_of(local, &dst, &dport);
     }
-    h[14] = (uint8_t)(alen >> 8);
-    h[15] = (uint8_t)(alen & 0xff);
+
+    if (version == 1) {
+        char s[INET6_ADDRSTRLEN], d[INET6_ADDRSTRLEN];
+        if (!ok)
+            return (uint16_t)snprintf((char *)out, PROXY_SEND_MAX, "PROXY UNKNOWN\r\n");
+        int af = n == 4 ? AF_INET : AF_INET6;
+        inet_ntop(af, src, s, sizeof(s));
+        inet_ntop(af, dst, d, sizeof(d));
+        return (uint16_t)snprintf((char *)out, PROXY_SEND_MAX, "PROXY %s %s %s %u %u\r\n",
+                                  n == 4 ? "TCP4" : "TCP6", s, d, ntohs(sport), ntohs(dport));
+    }
+
+    /* v2: signature, version and command, family, length, addresses */
+    uint16_t alen = ok ? (uint16_t)(2 * n + 4) : 0;
+    memcpy(out, sig, 12);
+    out[12] = ok ? 0x21 : 0x20;                     /* version 2, PROXY or LOCAL */
+    out[13] = !ok ? 0x00 : n == 4 ? 0x11 : 0x21;    /* UNSPEC, TCP over IPv4 or IPv6 */
+    out[14] = (uint8_t)(alen >> 8);
+    out[15] = (uint8_t)(alen & 0xff);
+    if (ok) {
+        memcpy(out + 16, src, n);
+        memcpy(out + 16 + n, dst, n);
+        memcpy(out + 16 + 2 * n, &sport, 2);
+        memcpy(out + 18 + 2 * n, &dport, 2);
+    }
     return (uint16_t)(16 + alen);
 }
