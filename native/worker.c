@@ -22,6 +22,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -394,6 +395,11 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
 {
     struct worker w;
     int ret;
+
+    /* Dropping privileges cleared the dumpable flag: set it back (as nginx
+     * does after setuid) so the watchdog's SIGABRT leaves a core of a wedged
+     * loop. A worker holds no secret a core could leak. */
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
 
     memset(&w, 0, sizeof(w));
     w.cfg = cfg;

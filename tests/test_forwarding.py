@@ -11,6 +11,7 @@ import select
 import subprocess
 import socket
 import struct
+import sys
 import time
 
 import pytest
@@ -484,6 +485,14 @@ def test_workers_drop_to_the_configured_user(tmp_path):
                 status = Path(f"/proc/{w['pid']}/status").read_text()
                 uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
                 assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4, uid_line
+                # dumpable again after the drop, so the watchdog's SIGABRT leaves
+                # a core: only then may a process of the same user read its environ
+                probe = subprocess.run(
+                    [sys.executable, "-c", "import os, sys; os.setgid(int(sys.argv[2])); "
+                     "os.setuid(int(sys.argv[1])); open(sys.argv[3], 'rb').read()",
+                     str(nobody.pw_uid), str(nobody.pw_gid), f"/proc/{w['pid']}/environ"],
+                    capture_output=True, text=True, timeout=20)
+                assert probe.returncode == 0, f"worker not dumpable: {probe.stderr[-200:]}"
             assert os.stat(f"/proc/{r.pid}").st_uid == 0        # the master keeps root
             duplex(port, 3 << 20, 3 << 20)                      # splicing as nobody works
             r.assert_no_traceback()
