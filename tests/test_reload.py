@@ -528,7 +528,11 @@ def test_sequential_client_never_waits_across_reloads(tmp_path):
                         slow.append(-1.0)
                         continue
                     dt = time.monotonic() - t0
-                    if dt > 0.5:
+                    # A connection left in a queue nobody watches waits for
+                    # the next client, which never comes while this one waits:
+                    # it fails at the 3 s timeout. 2 s tells that apart from a
+                    # busy shared CPU's scheduling delays (not a speed bound).
+                    if dt > 2.0:
                         slow.append(dt)
             clients = Background(client)
             for _ in range(30):
