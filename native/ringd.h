@@ -27,6 +27,8 @@
  *   proxy_send.c / proxy_recv.c   the PROXY protocol codec: the header we
  *                 send a server / the one a client sends us (leaves)
  *   tls_hello.c   the TLS ClientHello parser (a leaf)
+ *   srclimit.c    the per-source limit table in shared memory, all workers
+ *                 of the host (a leaf)
  *
  * Which way calls go: a file calls only the files to its right in
  *   worker -> control, listener -> conn -> balance, proxy_send, forward
@@ -55,6 +57,7 @@
 #include "tls_hello.h"
 #include "proxy_recv.h"
 #include "proxy_send.h"
+#include "srclimit.h"
 
 #define RINGD_TICK_MS 100
 #define RINGD_BGID 1          /* buffer group of the copy path */

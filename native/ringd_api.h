@@ -266,6 +266,11 @@ struct ringd_worker_cfg {
     struct ringd_worker_server *wsrv;         /* [nservers] of this worker */
     struct ringd_log_ring *log_ring;          /* this worker's ring header */
     struct ringd_log_record *log_records;     /* [log_ring_records] */
+    /* the per-source limit table (srclimit.c), NULL when this worker has none
+     * (no column was free): it then admits every connection untracked */
+    void *srclimit;
+    uint64_t srclimit_len;
+    uint32_t srclimit_column;                 /* this process's column */
 };
 
 struct ringd_features {
@@ -407,3 +412,100 @@ int ringd_tls_name_normalize(const uint8_t *in, uint32_t len, uint8_t *out);
 /* Parse a PROXY protocol v1 or v2 header: one of RINGD_PROXY_*; *out is
  * filled (zeroed first). */
 int ringd_proxy_parse(const uint8_t *buf, uint32_t len, struct ringd_proxy_info *out);
+
+/* ------------------------------------------------ per-source limit table
+ *
+ * native/srclimit.c (a leaf; the design is in its top comment). One table
+ * per master lifetime in one MAP_SHARED memfd mapping, shared by every
+ * worker process of every generation: the master creates it (init), each
+ * worker process owns one column (the master hands it out at spawn and
+ * clears it when it reaps the process), and counts its open connections per
+ * source in that column.
+ *
+ * Key: (lkey, addr): lkey is a 64-bit hash of the listener's name (caller),
+ * addr 16 bytes: IPv4 as v4-mapped (::ffff:a.b.c.d), IPv6 already masked by
+ * the caller to the listener's source_prefix_v6.
+ */
+
+#define SRCLIMIT_MAGIC 0x52534c54      /* "RSLT" */
+#define SRCLIMIT_VERSION 1
+#define SRCLIMIT_MAX_ENTRIES 16777216  /* 2^24 */
+#define SRCLIMIT_MAX_COLUMNS 1024
+#define SRCLIMIT_PROBE_MAX 16          /* slots one key may occupy away from its home */
+#define SRCLIMIT_REF_NONE 0xffffffff   /* ref of an untracked admission: release ignores it */
+
+/* srclimit_acquire results */
+#define SRCLIMIT_OK 0                  /* admitted and counted: release(ref) when it closes */
+#define SRCLIMIT_OVER_OPEN 1           /* refused: max_open connections already open */
+#define SRCLIMIT_OVER_RATE 2           /* refused: rate_count connections admitted in rate_ms */
+#define SRCLIMIT_UNTRACKED 3           /* admitted, NOT counted (table full or lock held too long);
+                                          *ref_out = SRCLIMIT_REF_NONE */
+
+/* The table's first 128 bytes; the counters are written with atomics, and
+ * Python reads them through cffi (a torn read of a counter is impossible on
+ * 64-bit, an inconsistent snapshot across counters is fine for metrics). */
+struct ringd_srclimit_header {
+    uint32_t magic;            /* SRCLIMIT_MAGIC */
+    uint32_t version;          /* SRCLIMIT_VERSION */
+    uint32_t entries;          /* slots */
+    uint32_t columns;          /* open-count columns per slot (one per worker process) */
+    uint32_t entry_size;       /* bytes per slot, its column counts included */
+    uint32_t probe_max;        /* min(entries, SRCLIMIT_PROBE_MAX) */
+    uint64_t bytes;            /* srclimit_bytes(entries, columns) */
+    uint64_t seed;             /* hash seed, random per table (hash flooding) */
+    uint64_t reserved0[3];
+    /* counters (second cache line) */
+    uint64_t used;             /* slots that hold a key (never falls: idle keys stay until reused) */
+    uint64_t evictions;        /* idle keys replaced by a new one */
+    uint64_t untracked;        /* admissions not counted: full probe window or lock timeout */
+    uint64_t contended;        /* slot locks that had to wait */
+    uint64_t lock_timeouts;    /* slot locks given up on (part of untracked) */
+    uint64_t release_errors;   /* releases of a ref/column that held no count (caller bug) */
+    uint64_t forced_unlocks;   /* locks of a dead process freed by clear_column */
+    uint64_t reserved1;
+};
+
+struct ringd_srclimit_usage {
+    uint64_t live;             /* slots with an open connection or a rate window still running */
+    uint64_t open;             /* open connections counted, all sources and columns */
+    uint64_t used;             /* slots that hold a key */
+};
+
+/* Bytes a table of `entries` slots and `columns` columns needs (0: out of
+ * range: entries 1..SRCLIMIT_MAX_ENTRIES, columns 1..SRCLIMIT_MAX_COLUMNS). */
+uint64_t srclimit_bytes(uint32_t entries, uint32_t columns);
+
+/* Master, once: lay out an empty table in zeroed memory of len bytes
+ * (>= srclimit_bytes). Returns 0 or -EINVAL. */
+int srclimit_init(void *mem, uint64_t len, uint32_t entries, uint32_t columns);
+
+/* Validate a table's header before using it: magic, version, sizes against
+ * len. Returns 0 or -EINVAL (a worker then runs without the table). */
+int srclimit_check(const void *mem, uint64_t len);
+
+/* Admit a new connection of source (lkey, addr) counted in `column`, or
+ * refuse it. max_open 0: no open limit; rate_count 0: no rate limit, else
+ * at most rate_count admissions per rate_ms (sliding window). now_ms: a
+ * monotonic clock shared by the processes (CLOCK_MONOTONIC). *ref_out: the
+ * ref to release (SRCLIMIT_REF_NONE unless SRCLIMIT_OK). */
+int srclimit_acquire(void *mem, uint32_t column, uint64_t lkey, const uint8_t *addr,
+                     uint32_t max_open, uint32_t rate_count, uint32_t rate_ms,
+                     uint64_t now_ms, uint32_t *ref_out);
+
+/* The connection of `ref` (counted in `column`) closed. Never blocks. */
+void srclimit_release(void *mem, uint32_t column, uint32_t ref);
+
+/* The connection of `ref` now belongs to the process of to_column (a
+ * connection handed to another worker): its count moves. Never blocks. */
+void srclimit_move(void *mem, uint32_t from_column, uint32_t to_column, uint32_t ref);
+
+/* Master, after reaping the process that owned `column` (and before giving
+ * the column to another process): drop every count of that column and free
+ * the slot locks the process died holding. */
+void srclimit_clear_column(void *mem, uint32_t column);
+
+/* Open connections counted for `ref` (all columns), for tests and status. */
+uint32_t srclimit_open(const void *mem, uint32_t ref);
+
+/* Scan the table (no locks, a snapshot for status/metrics). */
+void srclimit_usage(const void *mem, uint64_t now_ms, struct ringd_srclimit_usage *out);
