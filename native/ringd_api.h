@@ -475,8 +475,10 @@ struct ringd_srclimit_usage {
  * range: entries 1..SRCLIMIT_MAX_ENTRIES, columns 1..SRCLIMIT_MAX_COLUMNS). */
 uint64_t srclimit_bytes(uint32_t entries, uint32_t columns);
 
-/* Master, once: lay out an empty table in zeroed memory of len bytes
- * (>= srclimit_bytes). Returns 0 or -EINVAL. */
+/* Master, once: lay out an empty table in len (>= srclimit_bytes) bytes of
+ * zero-filled memory (a fresh memfd or anonymous mapping): only the header
+ * is written, pages are taken as slots are used. Returns 0, or -EINVAL for
+ * sizes out of range or memory that already holds a table. */
 int srclimit_init(void *mem, uint64_t len, uint32_t entries, uint32_t columns);
 
 /* Validate a table's header before using it: magic, version, sizes against

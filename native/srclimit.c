@@ -8,8 +8,15 @@
  * count in the same table while the old one drains). Layout:
  *
  *   struct ringd_srclimit_header        128 bytes (sizes, seed, counters)
+ *   uint32_t col_used[columns]          1 once a column counted anything
+ *                                       (rounded up to 64 bytes)
  *   slot [entries], entry_size bytes each:
  *     lock, used, key (lkey, addr[16]), rate window, open[columns]
+ *
+ * The memory must come zeroed (a fresh memfd or anonymous mapping) and init
+ * writes only the header: pages are taken as slots are used, so a table no
+ * listener uses costs address space, not memory. Bytes: about
+ * entries * (56 + 4 * columns); 65536 slots and 16 columns: 7.5 MiB at most.
  *
  * Columns. Every worker process gets a column from the master at spawn
  * (a column per process, not per worker slot: during a drain the old and the
@@ -137,9 +144,19 @@ static inline struct ringd_srclimit_header *hdr_of(const void *mem)
     return (struct ringd_srclimit_header *)mem;
 }
 
+static uint64_t slots_offset(uint32_t columns)
+{
+    return HDR_SIZE + (((uint64_t)columns * sizeof(uint32_t) + 63) & ~(uint64_t)63);
+}
+
+static inline uint32_t *col_used(const struct ringd_srclimit_header *h)
+{
+    return (uint32_t *)((char *)h + HDR_SIZE);
+}
+
 static inline struct slot *slot_at(const struct ringd_srclimit_header *h, uint32_t i)
 {
-    return (struct slot *)((char *)h + HDR_SIZE + (size_t)i * h->entry_size);
+    return (struct slot *)((char *)h + slots_offset(h->columns) + (size_t)i * h->entry_size);
 }
 
 uint64_t srclimit_bytes(uint32_t entries, uint32_t columns)
@@ -147,7 +164,7 @@ uint64_t srclimit_bytes(uint32_t entries, uint32_t columns)
     if (entries < 1 || entries > SRCLIMIT_MAX_ENTRIES ||
         columns < 1 || columns > SRCLIMIT_MAX_COLUMNS)
         return 0;
-    return HDR_SIZE + (uint64_t)entries * entry_size(columns);
+    return slots_offset(columns) + (uint64_t)entries * entry_size(columns);
 }
 
 int srclimit_init(void *mem, uint64_t len, uint32_t entries, uint32_t columns)
@@ -155,10 +172,10 @@ int srclimit_init(void *mem, uint64_t len, uint32_t entries, uint32_t columns)
     uint64_t need = srclimit_bytes(entries, columns);
     if (!mem || !need || len < need)
         return -EINVAL;
-    /* touch every page now: the memory is taken at start, not on the
-     * first busy day, and a table that does not fit fails here */
-    memset(mem, 0, need);
     struct ringd_srclimit_header *h = hdr_of(mem);
+    if (h->magic)
+        return -EINVAL;     /* not fresh memory: an existing table is adopted, not reset */
+    memset(h, 0, HDR_SIZE);
     uint64_t seed = 0;
     if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != (ssize_t)sizeof(seed)) {
         struct timespec ts;
@@ -191,6 +208,15 @@ int srclimit_check(const void *mem, uint64_t len)
         h->entry_size != entry_size(h->columns) || h->probe_max != probe)
         return -EINVAL;
     return 0;
+}
+
+/* The column has taken a lock or a count since it was last cleared (set
+ * before either, so clear_column may skip a column that never did). */
+static inline void mark_column(struct ringd_srclimit_header *h, uint32_t column)
+{
+    uint32_t *cu = &col_used(h)[column];
+    if (!LOAD(cu))
+        __atomic_store_n(cu, 1, __ATOMIC_SEQ_CST);
 }
 
 /* ------------------------------------------------------------ locking */
@@ -327,6 +353,7 @@ int srclimit_acquire(void *mem, uint32_t column, uint64_t lkey, const uint8_t *a
         ADD(&h->untracked, 1);
         return SRCLIMIT_UNTRACKED;
     }
+    mark_column(h, column);
     uint32_t token = column + 1;
     uint32_t home = home_of(h, lkey, addr);
     struct slot *hs = slot_at(h, home);
@@ -430,6 +457,7 @@ void srclimit_move(void *mem, uint32_t from_column, uint32_t to_column, uint32_t
         return;
     }
     struct slot *s = slot_at(h, ref);
+    mark_column(h, to_column);
     /* add first: the sum never drops below the truth, so the slot cannot be
      * taken as idle while its connection is on the way */
     ADD(&s->open[to_column], 1);
@@ -446,6 +474,10 @@ void srclimit_clear_column(void *mem, uint32_t column)
     struct ringd_srclimit_header *h = hdr_of(mem);
     if (column >= h->columns)
         return;
+    /* a column that never took a lock or a count has nothing to clear:
+     * skip the scan, which would touch every page of the table */
+    if (!LOAD(&col_used(h)[column]))
+        return;
     uint32_t token = column + 1;
     for (uint32_t i = 0; i < h->entries; i++) {
         struct slot *s = slot_at(h, i);
@@ -460,6 +492,7 @@ void srclimit_clear_column(void *mem, uint32_t column)
                                         __ATOMIC_RELAXED))
             ADD(&h->forced_unlocks, 1);
     }
+    __atomic_store_n(&col_used(h)[column], 0, __ATOMIC_SEQ_CST);
 }
 
 uint32_t srclimit_open(const void *mem, uint32_t ref)
