@@ -15,8 +15,10 @@
  *
  * The memory must come zeroed (a fresh memfd or anonymous mapping) and init
  * writes only the header: pages are taken as slots are used, so a table no
- * listener uses costs address space, not memory. Bytes: about
- * entries * (56 + 4 * columns); 65536 slots and 16 columns: 7.5 MiB at most.
+ * listener uses costs address space, not memory, and the master's scans
+ * (clear_column, usage) skip pages never written (mincore) rather than make
+ * them resident. Bytes: about entries * (56 + 4 * columns); 65536 slots and
+ * 16 columns: 7.5 MiB at most.
  *
  * Columns. Every worker process gets a column from the master at spawn
  * (a column per process, not per worker slot: during a drain the old and the
@@ -87,7 +89,9 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -467,6 +471,43 @@ void srclimit_move(void *mem, uint32_t from_column, uint32_t to_column, uint32_t
     }
 }
 
+/* Which pages of the table hold anything: a page never written is not
+ * resident (the memory came zeroed and is taken on first write), and every
+ * slot byte on it is zero. The master's scans (clear_column, usage) skip
+ * those instead of reading them, which would make the whole table resident.
+ * Without mincore, everything counts as resident. */
+struct resident {
+    unsigned char *vec;
+    uintptr_t base;
+    uintptr_t psz;
+};
+
+static void resident_open(const struct ringd_srclimit_header *h, struct resident *r)
+{
+    memset(r, 0, sizeof(*r));
+    long psz = sysconf(_SC_PAGESIZE);
+    if (psz <= 0 || ((uintptr_t)h & ((uintptr_t)psz - 1)))
+        return;
+    size_t n = (h->bytes + (uint64_t)psz - 1) / (uint64_t)psz;
+    r->vec = malloc(n);
+    if (r->vec && mincore((void *)h, h->bytes, r->vec) != 0) {
+        free(r->vec);
+        r->vec = NULL;
+    }
+    r->base = (uintptr_t)h;
+    r->psz = (uintptr_t)psz;
+}
+
+static inline bool resident(const struct resident *r, const void *p)
+{
+    return !r->vec || (r->vec[((uintptr_t)p - r->base) / r->psz] & 1);
+}
+
+static void resident_close(struct resident *r)
+{
+    free(r->vec);
+}
+
 void srclimit_clear_column(void *mem, uint32_t column)
 {
     if (!mem)
@@ -479,8 +520,12 @@ void srclimit_clear_column(void *mem, uint32_t column)
     if (!LOAD(&col_used(h)[column]))
         return;
     uint32_t token = column + 1;
+    struct resident r;
+    resident_open(h, &r);
     for (uint32_t i = 0; i < h->entries; i++) {
         struct slot *s = slot_at(h, i);
+        if (!resident(&r, s) && !resident(&r, &s->open[column]))
+            continue;
         if (LOAD(&s->open[column]))
             __atomic_store_n(&s->open[column], 0, __ATOMIC_RELAXED);
         uint32_t t = token;
@@ -492,6 +537,7 @@ void srclimit_clear_column(void *mem, uint32_t column)
                                         __ATOMIC_RELAXED))
             ADD(&h->forced_unlocks, 1);
     }
+    resident_close(&r);
     __atomic_store_n(&col_used(h)[column], 0, __ATOMIC_SEQ_CST);
 }
 
@@ -511,9 +557,13 @@ void srclimit_usage(const void *mem, uint64_t now_ms, struct ringd_srclimit_usag
     if (!mem)
         return;
     const struct ringd_srclimit_header *h = hdr_of(mem);
+    if (!LOAD(&h->used))
+        return;
+    struct resident r;
+    resident_open(h, &r);
     for (uint32_t i = 0; i < h->entries; i++) {
         const struct slot *s = slot_at(h, i);
-        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE))
+        if (!resident(&r, s) || !__atomic_load_n(&s->used, __ATOMIC_ACQUIRE))
             continue;
         out->used++;
         uint32_t o = open_total(h, s);
@@ -521,4 +571,5 @@ void srclimit_usage(const void *mem, uint64_t now_ms, struct ringd_srclimit_usag
         if (!slot_idle(h, s, now_ms))
             out->live++;
     }
+    resident_close(&r);
 }

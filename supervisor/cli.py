@@ -368,6 +368,12 @@ def cmd_status(args) -> int:
                 for s in st["servers"]]
         print(_table(rows, ["SERVER", "STATE", "ADMIN", "WEIGHT", "ACTIVE", "CONNS", "FAILS",
                             "LAST CHECK"]))
+    src = st.get("source_table")
+    if src and src.get("used"):
+        print()
+        print(f"source table: {src['live']} active sources ({src['used']} held) of "
+              f"{src['size']}, {src['open']} connections open, untracked {src['untracked']}, "
+              f"evictions {src['evictions']}")
     return 0
 
 

@@ -31,6 +31,7 @@ class WorkerProc:
     killed: str = ""            # why we killed it, if we did
     fail_reason: str = ""       # why it never became ready
     ready: asyncio.Future | None = None
+    source_column: int | None = None    # its column of the per-source limit table
 
 
 @dataclass

@@ -75,6 +75,9 @@ class Master:
         self.admin = None         # ringd.admin.Admin
         self.servers = None       # ringd.servers.ServerRegistry (server states)
         self.health = None        # ringd.health.HealthChecker (active checks)
+        # the per-source limit table, one per master lifetime (ringd.srclimit);
+        # set before run() by a master that adopts it across an upgrade exec
+        self.srclimit = None
         self.events = WorkerEvents(self, self.log)
         self._no_workers: asyncio.Event | None = None    # set once none is left (stop)
         adopt_quiet = ADOPT_QUIET
@@ -113,6 +116,15 @@ class Master:
             self.pidfile.release()
 
     async def _run(self) -> int:
+        if self.srclimit is None:
+            from .srclimit import SourceTable, SourceTableError, columns_for_host
+            try:
+                self.srclimit = SourceTable.create(self.config.ringd.source_table_size,
+                                                   columns_for_host(self.config.ringd.workers))
+            except SourceTableError as e:
+                where = self.config.where("ringd", "source_table_size")
+                self.log.error("start_failed", reason=f"{where}: {e}")
+                return 1
         try:
             self.sockets.prepare(self.config)
         except BindError as e:
@@ -262,21 +274,31 @@ class Master:
     def _spawn(self, gen: Generation, slot: int, cpu: int, sq_cpu: int) -> WorkerProc:
         from ringd.worker.main import WorkerSpec, child_main
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        column = self._source_column(gen, slot)
         spec = WorkerSpec(slot=slot, cpu=cpu, sq_cpu=sq_cpu, generation=gen.number,
                           config=gen.config, shm=gen.shm,
                           acceptors=self.sockets.acceptors_for(gen.config, slot, gen.adopted),
-                          control_fd=child.fileno(), test_hooks=self.test_hooks)
+                          control_fd=child.fileno(), test_hooks=self.test_hooks,
+                          srclimit=self.srclimit if column is not None else None,
+                          srclimit_column=column if column is not None else 0)
         sys.stdout.flush()
         sys.stderr.flush()
         log.STREAM.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            if column is not None:
+                self.srclimit.release(column)
+            raise
         if pid == 0:
             child_main(spec)        # never returns
+        if column is not None:
+            self.srclimit.bind(column, pid)
         child.close()
         parent.setblocking(False)
         pidfd = os.pidfd_open(pid)
         w = WorkerProc(slot=slot, cpu=cpu, sq_cpu=sq_cpu, gen=gen, pid=pid, pidfd=pidfd,
-                       ctrl=parent,
+                       ctrl=parent, source_column=column,
                        ready=self.loop.create_future())
         gen.workers[slot] = w
         self.loop.add_reader(pidfd, self._on_worker_exit, w)
@@ -284,6 +306,20 @@ class Master:
         self.log.info("worker_spawn", worker=slot, gen=gen.number, pid=pid, cpu=cpu,
                       sqpoll_cpu=sq_cpu if sq_cpu >= 0 else None)
         return w
+
+    def _source_column(self, gen: Generation, slot: int) -> int | None:
+        """A column of the per-source limit table for the process about to
+        be spawned; None (it runs without the table, admitting every
+        connection untracked) when all are taken."""
+        if self.srclimit is None:
+            return None
+        column = self.srclimit.assign()
+        if column is None:
+            self.log.warning("source_table_no_column", worker=slot, gen=gen.number,
+                             columns=self.srclimit.columns,
+                             hint="per-source limits are not enforced by this worker; "
+                                  "too many worker processes alive at once")
+        return column
 
     def _send(self, w: WorkerProc, cmd: int, arg: int = 0) -> None:
         try:
@@ -417,6 +453,10 @@ class Master:
         except ChildProcessError:
             code = None
         os.close(w.pidfd)
+        if self.srclimit is not None:
+            # gone (the pidfd said so): whatever it counted per source goes with it
+            self.srclimit.release(w.source_column)
+            w.source_column = None
         # read what it said last before closing the channel
         self._on_worker_event(w)
         try:
@@ -552,7 +592,7 @@ class Master:
             return False, str(e)
         preflight.check_buffer_caps(new, self.log)
         old_r = self.config.ringd
-        for key in ("pidfile", "control_socket"):
+        for key in ("pidfile", "control_socket", "source_table_size"):
             if getattr(new.ringd, key) != getattr(old_r, key):
                 self.log.warning("reload_ignored_key", key=f"ringd.{key}",
                                  hint="takes effect after a restart")

@@ -137,6 +137,7 @@ class RingdCollector:
 
         yield from self._servers()
         yield from self._process()
+        yield from source_table_metrics(m.srclimit)
 
     def _servers(self):
         m = self.master
@@ -256,6 +257,30 @@ class RingdCollector:
                              "ring_mode": ",".join(modes) or "none",
                              "python": platform.python_version()})
         yield info
+
+
+def source_table_metrics(table):
+    """The per-source limit table (ringd.srclimit): the header's counters
+    only, O(1) per scrape."""
+    if table is None:
+        return
+    h = table.header
+    g = GaugeMetricFamily("ringd_source_table_size", "Sources the per-source limit table can hold")
+    g.add_metric([], table.entries)
+    yield g
+    g = GaugeMetricFamily("ringd_source_table_entries",
+                          "Sources in the per-source limit table (idle ones stay until reused)")
+    g.add_metric([], h.used)
+    yield g
+    c = CounterMetricFamily("ringd_source_table_untracked",
+                            "Connections admitted without per-source accounting: no room in the "
+                            "table (or a slot lock not obtained in time)")
+    c.add_metric([], h.untracked)
+    yield c
+    c = CounterMetricFamily("ringd_source_table_evictions",
+                            "Idle sources replaced in the per-source limit table")
+    c.add_metric([], h.evictions)
+    yield c
 
 
 def make_registry(master, totals: Totals) -> CollectorRegistry:

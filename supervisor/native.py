@@ -219,7 +219,7 @@ def sqpoll_wanted(config: Config) -> bool:
 
 def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_cpu: int,
                      acceptors: list[tuple[int, int]], control_fd: int,
-                     test_hooks: bool = False):
+                     test_hooks: bool = False, srclimit=None, srclimit_column: int = 0):
     """The struct ringd_worker_cfg for one worker, and the cdata objects that
     must stay alive as long as the C loop runs (returned together)."""
     keep = []
@@ -304,6 +304,12 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     cfg.wsrv = shm.wsrv(slot)
     cfg.log_ring = shm.log_ring(slot)
     cfg.log_records = shm.log_records(slot)
+    # the per-source limit table: the mapping is inherited through fork;
+    # a header that does not check out leaves the worker without it
+    if srclimit is not None and lib.srclimit_check(srclimit.ptr, srclimit.size) == 0:
+        cfg.srclimit = srclimit.ptr
+        cfg.srclimit_len = srclimit.size
+        cfg.srclimit_column = srclimit_column
     keep.extend([listeners, upstreams, servers, acc])
     return cfg, keep
 

@@ -50,6 +50,7 @@ def collect(master) -> dict:
                 "trims": shm.trims,                   # times memory was given back
                 "loops": shm.loops,       # event loop iterations (one wait each)
                 "cqes": shm.cqes,         # completions handled
+                "source_column": w.source_column if w else None,   # in the source table
             }
             entry.update(_listener_totals(gen, slot))
             workers.append(entry)
@@ -92,4 +93,6 @@ def collect(master) -> dict:
         "workers": workers,
         "servers": servers,
         "end_reasons": list(END_REASONS),
+        # the per-source limit table: size, sources, counters (ringd.srclimit)
+        "source_table": master.srclimit.counters() if master.srclimit is not None else None,
     }

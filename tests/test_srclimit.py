@@ -283,6 +283,24 @@ def test_move_carries_the_count_to_the_new_column(table):
     assert acquire(t, 1, addr(1), max_open=1)[0] == OK
 
 
+def test_memory_is_taken_as_slots_are_used(table):
+    """A table of a million slots costs what its used slots touch: creating
+    it, scanning it for status and clearing a column do not make it
+    resident (the memfd's allocated blocks say what is)."""
+    t = table(entries=1 << 20, columns=16)
+    assert t.size > 100 << 20
+
+    def allocated() -> int:
+        return os.fstat(t._fd).st_blocks * 512
+    assert allocated() <= 1 << 16
+    refs = [acquire(t, 1, addr(i))[1] for i in range(50)]
+    t.counters()
+    lib.srclimit_clear_column(t.ptr, 1)
+    assert allocated() <= 60 * 8192, allocated()
+    assert t.counters()["open"] == 0 and t.counters()["used"] == 50
+    assert NONE not in refs
+
+
 # ------------------------------------------------------------ processes
 
 def test_limits_hold_across_processes(table):
@@ -532,3 +550,102 @@ def test_contention_in_c_under_asan_and_ubsan(tmp_path):
     r = subprocess.run([str(exe), "4", "2", "1.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.endswith("OK\n"), r.stdout + r.stderr[-4000:]
     assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------ in a running ringd
+
+def _map_master_table(master_pid: int):
+    """The running master's table, mapped here through /proc (the test runs
+    as the master's user): the same memory its workers count in."""
+    import mmap
+    for name in os.listdir(f"/proc/{master_pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{master_pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:ringd-source-table"):
+            fd = os.open(f"/proc/{master_pid}/fd/{name}", os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            ptr = ffi.cast("void *", ffi.from_buffer(mm))
+            assert lib.srclimit_check(ptr, size) == 0
+            return mm, ptr
+    raise AssertionError("no source table memfd in the master")
+
+
+def test_master_gives_each_worker_process_a_column_and_clears_it(tmp_path):
+    """Every worker process gets its own column (old and new generations at
+    once during a reload), and a worker SIGKILLed while counting connections
+    of a source leaves no count behind once the master reaped it."""
+    from harness import Backend, Ringd, free_ports, listener, upstream, wait_for
+    bport, port, aport = free_ports(3)
+    conf = (listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"]) +
+            f'\n[admin]\nlisten = "127.0.0.1:{aport}"\n')
+    with Backend("echo", [bport]), \
+            Ringd(tmp_path, conf, workers=2, extra_ringd="source_table_size = 2048\n") as r:
+        st = r.status()
+        src = st["source_table"]
+        assert src["size"] == 2048 and src["columns"] >= 16 and src["columns_in_use"] == 2
+        cols = {w["pid"]: w["source_column"] for w in st["workers"]}
+        assert len(set(cols.values())) == 2 and None not in cols.values()
+        mm, ptr = _map_master_table(st["pid"])
+        try:
+            victim, vcol = next(iter(cols.items()))
+            ref = ffi.new("uint32_t *")
+            a = addr(77)
+            for _ in range(5):      # as if the victim had 5 connections open from 10.0.0.77
+                assert lib.srclimit_acquire(ptr, vcol, LK, a, 5, 0, 0, 1, ref) == OK
+            spare = src["columns"] - 1
+            assert lib.srclimit_acquire(ptr, spare, LK, a, 5, 0, 0, 1, ref) == OVER_OPEN
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: all(w["pid"] not in (None, victim) and w["state"] == "ready"
+                                 for w in r.status()["workers"]), 10, what="respawn")
+            assert lib.srclimit_acquire(ptr, spare, LK, a, 5, 0, 0, 1, ref) == OK
+            assert lib.srclimit_open(ptr, ref[0]) == 1
+            lib.srclimit_release(ptr, spare, ref[0])
+            st = r.status()
+            assert st["source_table"]["columns_in_use"] == 2
+            # a reload: the new generation's processes get columns of their own
+            # while the old ones still hold theirs; the old ones are freed when reaped
+            old = {w["source_column"] for w in st["workers"]}
+            assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            wait_for(lambda: len(r.status()["generations"]) == 1, 15, what="old generation gone")
+            st = r.status()
+            new = {w["source_column"] for w in st["workers"]}
+            assert len(new) == 2 and None not in new
+            assert st["source_table"]["columns_in_use"] == 2
+            assert st["source_table"]["size"] == 2048 and old  # same table across the reload
+            from test_observability import scrape
+            m = scrape(aport)
+            assert m[("ringd_source_table_size", frozenset())] == 2048
+            assert m[("ringd_source_table_entries", frozenset())] == 1
+            assert m[("ringd_source_table_untracked_total", frozenset())] == 0
+            assert m[("ringd_source_table_evictions_total", frozenset())] == 0
+        finally:
+            del ptr
+            mm.close()
+
+
+def test_worker_cfg_carries_the_table(tmp_path):
+    from ringd import config as config_mod
+    from ringd.native import SharedState, build_worker_cfg
+    from harness import listener, upstream
+    path = tmp_path / "c.toml"
+    path.write_text('[ringd]\nworkers = 1\n' + listener("web", 1, "app") +
+                    upstream("app", ["127.0.0.1:2"]))
+    cfg = config_mod.load(str(path))
+    shm = SharedState(1, 1, 1, 1)
+    t = SourceTable.create(1024, 16)
+    try:
+        wc, keep = build_worker_cfg(cfg, shm, 0, 0, -1, [(5, 0)], 6, srclimit=t, srclimit_column=3)
+        assert wc.srclimit == t.ptr and wc.srclimit_len == t.size and wc.srclimit_column == 3
+        wc, keep = build_worker_cfg(cfg, shm, 0, 0, -1, [(5, 0)], 6)
+        assert wc.srclimit == ffi.NULL
+        struct.pack_into("=I", ffi.buffer(ffi.cast("char *", t.ptr), 8), 4, 99)   # version
+        wc, keep = build_worker_cfg(cfg, shm, 0, 0, -1, [(5, 0)], 6, srclimit=t, srclimit_column=3)
+        assert wc.srclimit == ffi.NULL       # a header that does not check out: no table
+    finally:
+        t.close()

@@ -35,6 +35,8 @@ class WorkerSpec:
     acceptors: list         # (fd, listener index) of every socket it accepts on
     control_fd: int
     test_hooks: bool = False
+    srclimit: object = None     # ringd.srclimit.SourceTable (inherited mapping), or None
+    srclimit_column: int = 0    # this process's column in it
 
 
 def _reset_signals() -> None:
@@ -109,7 +111,8 @@ def run(spec: WorkerSpec) -> int:
         return EXIT_PRIVS
 
     cfg, keep = build_worker_cfg(spec.config, spec.shm, spec.slot, spec.cpu, spec.sq_cpu,
-                                 spec.acceptors, spec.control_fd, spec.test_hooks)
+                                 spec.acceptors, spec.control_fd, spec.test_hooks,
+                                 srclimit=spec.srclimit, srclimit_column=spec.srclimit_column)
     rc = run_worker(cfg)
     del keep
     if rc < 0:

@@ -127,6 +127,8 @@ class RingdSettings:
     watchdog_timeout: float = key(10.0, v.duration(allow_zero=True), "abort a silent worker")
     respawn_delay: float = key(0.1, v.duration(allow_zero=True), "first respawn backoff")
     respawn_delay_max: float = key(30.0, v.duration(allow_zero=True), "longest respawn backoff")
+    source_table_size: int = key(65536, v.integer(1024, 4194304),
+                                 "per-source limit table entries (restart to change)")
 
 
 @dataclass(frozen=True, slots=True)
