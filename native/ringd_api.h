@@ -506,6 +506,12 @@ void srclimit_move(void *mem, uint32_t from_column, uint32_t to_column, uint32_t
  * the slot locks the process died holding. */
 void srclimit_clear_column(void *mem, uint32_t column);
 
+/* The 16-byte addr of a client for acquire, from its struct sockaddr_in or
+ * sockaddr_in6: IPv4 as ::ffff:a.b.c.d, an IPv4-mapped IPv6 address (a
+ * dual-stack socket) likewise, any other IPv6 address with the bits past
+ * prefix_v6 (1..128) cleared. Returns 0, or -1 for another family. */
+int srclimit_source_addr(const void *sockaddr, uint32_t prefix_v6, uint8_t *out);
+
 /* Open connections counted for `ref` (all columns), for tests and status. */
 uint32_t srclimit_open(const void *mem, uint32_t ref);
 

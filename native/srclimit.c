@@ -87,6 +87,7 @@
 #include "srclimit.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdbool.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -539,6 +540,32 @@ void srclimit_clear_column(void *mem, uint32_t column)
     }
     resident_close(&r);
     __atomic_store_n(&col_used(h)[column], 0, __ATOMIC_SEQ_CST);
+}
+
+int srclimit_source_addr(const void *sockaddr, uint32_t prefix_v6, uint8_t *out)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    sa_family_t family;
+    memcpy(&family, sockaddr, sizeof(family));
+    if (family == AF_INET) {
+        struct sockaddr_in sin;
+        memcpy(&sin, sockaddr, sizeof(sin));
+        memcpy(out, mapped, 12);
+        memcpy(out + 12, &sin.sin_addr, 4);
+        return 0;
+    }
+    if (family != AF_INET6)
+        return -1;
+    struct sockaddr_in6 sin6;
+    memcpy(&sin6, sockaddr, sizeof(sin6));
+    memcpy(out, &sin6.sin6_addr, 16);
+    if (memcmp(out, mapped, 12) == 0)
+        return 0;                   /* an IPv4 client of a dual-stack socket */
+    if (prefix_v6 < 1)
+        prefix_v6 = 1;
+    for (uint32_t bit = prefix_v6; bit < 128; bit++)
+        out[bit / 8] &= (uint8_t)~(0x80u >> (bit % 8));
+    return 0;
 }
 
 uint32_t srclimit_open(const void *mem, uint32_t ref)

@@ -519,6 +519,21 @@ def test_adopt_refuses_what_is_no_table():
         os.close(fd)
 
 
+@pytest.mark.parametrize("ip,prefix", [("192.0.2.1", 64), ("::ffff:192.0.2.1", 64),
+                                       ("2001:db8:1:2:3:4:5:6", 64), ("2001:db8:1:2:3:4:5:6", 48),
+                                       ("2001:db8:1:2:3:4:5:6", 128), ("2001:db8:ff:2::", 17),
+                                       ("::1", 1), ("fe80::1", 127)])
+def test_c_source_addr_matches_python(ip, prefix):
+    import socket as so
+    from ringd.native import sockaddr_bytes
+    fam = so.AF_INET if "." in ip and ":" not in ip else so.AF_INET6
+    raw = sockaddr_bytes(fam, ip, 443)
+    out = ffi.new("uint8_t[16]")
+    assert lib.srclimit_source_addr(raw, prefix, out) == 0
+    assert bytes(out) == source_address(ip, prefix)
+    assert lib.srclimit_source_addr(b"\x01\x00" + bytes(26), 64, out) == -1   # AF_UNIX
+
+
 def test_source_address_forms():
     assert source_address("192.0.2.1") == bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])
     assert source_address("::ffff:192.0.2.1") == source_address("192.0.2.1")
