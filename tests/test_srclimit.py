@@ -625,8 +625,12 @@ def test_master_gives_each_worker_process_a_column_and_clears_it(tmp_path):
             assert st["source_table"]["columns_in_use"] == 2
             # a reload: the new generation's processes get columns of their own
             # while the old ones still hold theirs; the old ones are freed when reaped
+            # (with a new source_table_size, which only a restart applies)
             old = {w["source_column"] for w in st["workers"]}
+            r.conf.write_text(r.conf.read_text().replace("source_table_size = 2048",
+                                                         "source_table_size = 4096"))
             assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            r.wait_event("reload_ignored_key", key="ringd.source_table_size")
             wait_for(lambda: len(r.status()["generations"]) == 1, 15, what="old generation gone")
             st = r.status()
             new = {w["source_column"] for w in st["workers"]}
