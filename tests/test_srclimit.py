@@ -430,6 +430,30 @@ def test_clear_column_frees_what_a_killed_process_held(table):
     assert rc == OK and lib.srclimit_open(t.ptr, ref) == 1
 
 
+def test_lock_of_a_dead_holder_times_out_then_clear_frees_it(table):
+    """A process killed while it holds a slot lock: others give up on the
+    lock after a bounded wait (the connection is admitted untracked,
+    counted), and clear_column of the dead process's column frees it."""
+    t = table(entries=1, columns=4)
+    assert acquire(t, 1, addr(1))[0] == OK           # columns 1 and 2 have used the table
+    assert acquire(t, 2, addr(1))[0] == OK
+    # the lock word of slot 0 (the table's first slot, after the header and
+    # the 64-byte column flags) as column 2 would leave it: column + 1
+    raw = ffi.buffer(ffi.cast("char *", t.ptr), t.size)
+    struct.pack_into("=I", raw, 128 + 64, 3)
+    t0 = time.monotonic()
+    assert acquire(t, 0, addr(1)) == (UNTRACKED, NONE)
+    assert time.monotonic() - t0 < 0.5
+    h = t.header
+    assert (h.lock_timeouts, h.untracked, h.contended) == (1, 1, 1)
+    lib.srclimit_clear_column(t.ptr, 1)               # another column: not its lock
+    assert acquire(t, 0, addr(1))[0] == UNTRACKED
+    lib.srclimit_clear_column(t.ptr, 2)
+    assert h.forced_unlocks == 1
+    rc, ref = acquire(t, 0, addr(1))
+    assert rc == OK and lib.srclimit_open(t.ptr, ref) == 1      # column 2's count went too
+
+
 def test_processes_killed_mid_operation_leave_no_stuck_lock(table):
     """Processes SIGKILLed at random points of acquire/release (some inside
     a slot lock): after clear_column every count is gone and no slot stays
