@@ -274,10 +274,10 @@ class Master:
     def _spawn(self, gen: Generation, slot: int, cpu: int, sq_cpu: int) -> WorkerProc:
         from ringd.worker.main import WorkerSpec, child_main
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        column = self._source_column(gen, slot)
+        acceptors = self.sockets.acceptors_for(gen.config, slot, gen.adopted)
+        column = self._source_column(gen, slot)     # freed again if the fork fails
         spec = WorkerSpec(slot=slot, cpu=cpu, sq_cpu=sq_cpu, generation=gen.number,
-                          config=gen.config, shm=gen.shm,
-                          acceptors=self.sockets.acceptors_for(gen.config, slot, gen.adopted),
+                          config=gen.config, shm=gen.shm, acceptors=acceptors,
                           control_fd=child.fileno(), test_hooks=self.test_hooks,
                           srclimit=self.srclimit if column is not None else None,
                           srclimit_column=column if column is not None else 0)
