@@ -40,8 +40,10 @@
  * instructions is simpler to get right and as fast uncontended (one CAS).
  * The lock word holds the holder's column + 1, so the master can free the
  * locks of a process that died holding one (clear_column). Waiting is
- * bounded (SPIN_PAUSE pause loops, then SPIN_YIELD sched_yield calls, well
- * under a millisecond unless the holder is preempted): a lock not obtained in
+ * bounded: SPIN_PAUSE pause loops (a few microseconds), then sched_yield
+ * (the holder may be preempted on this same CPU: during a drain the old and
+ * the new worker of a slot share it) for at most WAIT_NS, 200 us, past which
+ * one more time slice given away is the worst case. A lock not obtained in
  * time admits the connection untracked and counts it (lock_timeouts), so a
  * stuck or slow holder never stalls a worker's loop and locks can never
  * deadlock. Counts use atomics and are changed without the lock by release
@@ -98,8 +100,9 @@
 #include <unistd.h>
 
 #define HDR_SIZE 128
-#define SPIN_PAUSE 512
-#define SPIN_YIELD 64
+#define SPIN_PAUSE 256          /* pause loops before yielding the CPU */
+#define SPIN_YIELD 64           /* sched_yield calls at most ... */
+#define WAIT_NS 200000          /* ... and no more waiting than this */
 #define RATE_MS_MAX 86400000u
 
 _Static_assert(sizeof(struct ringd_srclimit_header) == HDR_SIZE, "srclimit header size");
@@ -233,11 +236,20 @@ static int slot_lock(struct ringd_srclimit_header *h, struct slot *s, uint32_t t
                                     __ATOMIC_RELAXED))
         return 1;
     ADD(&h->contended, 1);
+    struct timespec t0, t;
     for (unsigned i = 0; i < SPIN_PAUSE + SPIN_YIELD; i++) {
-        if (i < SPIN_PAUSE)
+        if (i < SPIN_PAUSE) {
             cpu_relax();
-        else
+        } else {
+            /* the holder may be preempted on this very CPU (the old and the
+             * new worker of a slot share it during a drain): let it run */
+            if (i == SPIN_PAUSE)
+                clock_gettime(CLOCK_MONOTONIC, &t0);
             sched_yield();
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > WAIT_NS)
+                break;
+        }
         if (LOAD(&s->lock) == 0) {
             z = 0;
             if (__atomic_compare_exchange_n(&s->lock, &z, token, false, __ATOMIC_ACQUIRE,
