@@ -661,6 +661,8 @@ def test_master_gives_each_worker_process_a_column_and_clears_it(tmp_path):
             assert len(new) == 2 and None not in new
             assert st["source_table"]["columns_in_use"] == 2
             assert st["source_table"]["size"] == 2048 and old  # same table across the reload
+            out = r.cli("status", "-c", str(r.conf)).stdout
+            assert "source table: 0 active sources (1 held) of 2048" in out, out
             from test_observability import scrape
             m = scrape(aport)
             assert m[("ringd_source_table_size", frozenset())] == 2048
