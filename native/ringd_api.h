@@ -5,8 +5,10 @@
  * cdef (native/build_native.py). Keep it cdef-compatible: no #include, no
  * #if, no macros other than plain integer constants, only fixed-width types.
  *
- * Shared memory layout (one anonymous MAP_SHARED segment per generation,
- * created by the master before it forks the workers of that generation):
+ * Shared memory layout (one MAP_SHARED segment per generation, backed by a
+ * memfd so that a master that re-executes itself in place (ringd upgrade)
+ * can map the same segment again; created by the master before it forks
+ * the workers of that generation):
  *
  *   struct ringd_shm_header
  *   struct ringd_server_shm        [nservers]        (shared by all workers)
@@ -22,7 +24,24 @@
  * handed to it in struct ringd_worker_cfg.
  */
 
+/* The layout of everything in the shared memory segment. Bump it with any
+ * change to a struct in it (ringd_shm_header and below): a master image that
+ * adopts a generation across `ringd upgrade` maps its segment only when the
+ * number in the segment's first four bytes (ringd_shm_header.abi, which
+ * stays the first field for good) equals its own; otherwise it treats the
+ * generation as opaque: it drains it through the control channel and never
+ * reads or writes its memory. */
 #define RINGD_ABI_VERSION 2
+
+/* The control channel (struct ringd_cmd, struct ringd_event and the
+ * RINGD_CMD_* / RINGD_EV_* numbers). Both structs keep their layout for good
+ * and numbers are never reused: a master image after `ringd upgrade`
+ * drains workers forked by an older image through the same channel. A new
+ * command gets a new number and raises this version; a worker ignores
+ * commands it does not know, and the master sends a worker only the
+ * commands of the version its generation was started with (carried across
+ * the upgrade). Issue 17 (connection handover) builds on this. */
+#define RINGD_CTRL_VERSION 1
 
 #define RINGD_ADDR_MAX 28          /* sizeof(struct sockaddr_in6) */
 

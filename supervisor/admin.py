@@ -91,8 +91,33 @@ class Admin(Component):
     def fold_generation(self, gen) -> None:
         self.totals.fold(gen)
 
+    # ringd upgrade: the counters of retired generations, and the listening
+    # socket (its queue survives the exec)
+    state_key = "admin"
+
+    def export_state(self) -> tuple[dict, dict[str, int]]:
+        fds = {"listen": self.sock.fileno()} if self.sock is not None else {}
+        return {"totals": self.totals.to_json(), "evicted": self.evicted}, fds
+
+    def import_state(self, state: dict, fds: dict[str, int]) -> None:
+        self.totals.add(Totals.from_json(state.get("totals", {})))
+        self.evicted = int(state.get("evicted", 0))
+        fd = fds.get("listen")
+        if fd is None:
+            return
+        addr = self.master.config.admin.listen
+        sock = socket.socket(fileno=fd)
+        name = sock.getsockname()
+        if addr is None or (name[0], name[1]) != (addr.ip, addr.port):
+            sock.close()            # the config it was bound for is gone: bind() decides
+            return
+        self.sock, self.addr = sock, addr
+
     def bind(self, addr) -> None:
-        """Bind before anything is forked (raises OSError with a clear errno)."""
+        """Bind before anything is forked (raises OSError with a clear errno);
+        a socket adopted across ringd upgrade for this address is kept."""
+        if self.sock is not None and addr == self.addr:
+            return
         self.sock = bind_admin(addr) if addr is not None else None
         self.addr = addr
 

@@ -1,4 +1,4 @@
-"""The `ringd` command: start, check, reload, stop, drain, ready, status, server."""
+"""The `ringd` command: start, check, reload, upgrade, stop, drain, ready, status, server."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import time
 DEFAULT_CONFIG = "/etc/ringd/ringd.toml"
 DEFAULT_PIDFILE = "/run/ringd/ringd.pid"
 DEFAULT_SOCKET = "/run/ringd/ringd.sock"
+UPGRADE_WAIT = 120.0    # check (30 s at most) + exec + new workers ready (15 s at most) + margin
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     sp = sub.add_parser("reload", help="reload the configuration (like SIGHUP), report the outcome")
     common(sp)
+    sp = sub.add_parser("upgrade", help="re-execute the master in place (like SIGUSR2): the "
+                                        "installed program takes over, no connection dropped")
+    common(sp)
+    sp.add_argument("--timeout", metavar="SECONDS", type=float, default=UPGRADE_WAIT,
+                    help=f"give up waiting for the outcome after this long (default "
+                         f"{UPGRADE_WAIT:.0f})")
+    sp = sub.add_parser("upgrade-check")        # run by the master before it execs: hidden
+    sp.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     sp = sub.add_parser("stop", help="graceful stop (drain), or --now")
     common(sp)
     sp.add_argument("--now", action="store_true", help="close everything at once (SIGTERM)")
@@ -156,6 +165,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_start(args) -> int:
+    state = os.environ.pop("RINGD_UPGRADE_STATE", None)
+    if state is not None:
+        # this process is a master that ringd upgrade re-executed in place
+        from .upgrade import resume_main
+        return resume_main(state, args.test_hooks or os.environ.get("RINGD_TEST_HOOKS") == "1")
     cfg = _load(args.config)
     if cfg is None:
         return 1
@@ -210,6 +224,75 @@ def cmd_reload(args) -> int:
         return 0
     _err(f"reload rejected: {reply.get('error', 'unknown reason')}")
     return 1
+
+
+def cmd_upgrade(args) -> int:
+    """Ask the master to re-execute itself in place and wait for the outcome.
+    The control connection closes with the exec, so the outcome comes from
+    status: the attempt's state once the new image has its generation
+    running (ok), or kept the adopted one (failed), or it was refused."""
+    from .control import ControlClientError, request
+    sock, pidpath, origin = _locate(args)
+    note = _origin(origin, "control_socket", "pidfile")
+    req = {"cmd": "upgrade"}
+    if args.config:
+        req["config"] = os.path.abspath(args.config)
+    deadline = time.monotonic() + args.timeout
+    try:
+        reply = request(sock, req, timeout=args.timeout)
+    except ControlClientError as e:
+        if "garbled" in str(e) or "no answer" in str(e):
+            raise CliError(f"upgrade: {e}; see ringd status and the log") from None
+        from . import pidfile
+        try:
+            pid = pidfile.running(pidpath)
+        except pidfile.PidfileError as pe:
+            raise CliError(f"{e}; and {pe}{note}") from None
+        if pid is None:
+            raise CliError(f"{e}; and no running master holds pidfile {pidpath}{note}")
+        os.kill(pid, signal.SIGUSR2)
+        print(f"sent SIGUSR2 to {pid}; outcome unknown ({e}); see the log")
+        return 0
+    if not reply.get("ok"):
+        _err(f"upgrade refused: {reply.get('error', 'unknown reason')}")
+        return 1
+    attempt = reply.get("attempt")
+    print(f"upgrade: master pid {reply.get('pid')} checked the new program "
+          f"(ringd {reply.get('to_version')}"
+          f"{', package ' + reply['to_package'] if reply.get('to_package') else ''}) "
+          f"and re-executes itself", flush=True)
+    last_error = ""
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            st = request(sock, {"cmd": "status"}, timeout=max(1.0, deadline - time.monotonic()))
+        except ControlClientError as e:
+            last_error = str(e)     # the exec window: the socket queues, or answers late
+            continue
+        up = st.get("status", {}).get("upgrade") or {}
+        if up.get("attempt") != attempt or up.get("state") not in ("ok", "failed", "refused"):
+            continue
+        s = st["status"]
+        if up["state"] == "ok":
+            print(f"upgrade ok: master pid {s['pid']} runs ringd {s.get('version')}"
+                  f"{' (package ' + s['package_version'] + ')' if s.get('package_version') else ''}"
+                  f" since {time.strftime('%H:%M:%S', time.localtime(s['exec_started']))}, "
+                  f"generation {s['generation']}; {up.get('reason', '')}")
+            return 0
+        if up["state"] == "failed":
+            _err(f"upgrade failed: the new program runs (pid {s['pid']}), but its workers did "
+                 f"not start: {up.get('reason')}; the previous generation keeps serving")
+        else:
+            _err(f"upgrade refused: {up.get('reason')}")
+        return 1
+    _err(f"upgrade: no outcome within {args.timeout:.0f}s"
+         f"{' (' + last_error + ')' if last_error else ''}; see ringd status and the log")
+    return 1
+
+
+def cmd_upgrade_check(args) -> int:
+    from .upgrade import check_main
+    return check_main(os.path.abspath(args.config))
 
 
 def _master_config(pid: int) -> str | None:
@@ -349,6 +432,13 @@ def cmd_status(args) -> int:
     print(f"master pid {st['pid']}  generation {st['generation']}  config {st['config']}")
     print(f"uptime {st['uptime']:.0f}s  reloads ok {st['reloads_ok']} rejected "
           f"{st['reloads_rejected']}  worker restarts {st['worker_restarts']}")
+    if "exec_started" in st:
+        pkg = f" (package {st['package_version']})" if st.get("package_version") else ""
+        print(f"image ringd {st.get('version')}{pkg} since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['exec_started']))}  "
+              f"upgrades {st.get('upgrades', 0)}")
+        if st.get("upgrade_error"):
+            print(f"last upgrade failed: {st['upgrade_error']} (the adopted generation serves)")
     ld = st.get("lameduck") or {}
     if ld.get("state") == "draining":
         print(f"host draining (lame duck): /healthz 503, accepting stops in "
@@ -394,7 +484,8 @@ def cmd_server(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbs = {"start": cmd_start, "check": cmd_check, "reload": cmd_reload, "stop": cmd_stop,
-             "status": cmd_status, "server": cmd_server, "drain": cmd_drain, "ready": cmd_ready}
+             "status": cmd_status, "server": cmd_server, "drain": cmd_drain, "ready": cmd_ready,
+             "upgrade": cmd_upgrade, "upgrade-check": cmd_upgrade_check}
     try:
         return verbs[args.verb](args)
     except CliError as e:

@@ -1,10 +1,15 @@
 """The runtime control socket (a unix socket, mode 0660).
 
 One JSON request per connection, one JSON reply: {"cmd": "reload"} ->
-{"ok": false, "error": "..."}. The CLI (`ringd reload|stop|status|server|drain|ready`)
+{"ok": false, "error": "..."}. The CLI (`ringd reload|stop|status|server|drain|ready|upgrade`)
 talks to the master through it, so a rejected reload is reported to whoever
 asked for it. Reads are bounded in size and time: a stuck or hostile client
 cannot stall the master loop.
+
+The listening socket outlives `ringd upgrade`: the next image of the master
+serves the very same socket (start(fd)), so a client never finds the path
+missing or refused while the master re-executes itself; it waits in the
+socket's queue at most.
 """
 from __future__ import annotations
 
@@ -31,9 +36,20 @@ class ControlServer:
             "server": self._server,
             "drain": self._drain,
             "ready": self._ready,
+            "upgrade": self._upgrade,
         }
 
-    async def start(self) -> None:
+    async def start(self, fd: int | None = None) -> None:
+        """Listen on the path; or serve `fd`, the listening socket an earlier
+        image of this master handed over across ringd upgrade."""
+        if fd is not None:
+            sock = socket.socket(fileno=fd)
+            os.set_inheritable(fd, False)
+            if sock.family == socket.AF_UNIX and sock.getsockname() == self.path:
+                self.server = await asyncio.start_unix_server(self._client, sock=sock,
+                                                              limit=MAX_REQUEST)
+                return
+            sock.close()        # not what it should be: listen afresh
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._remove_stale()
         self.server = await asyncio.start_unix_server(self._client, path=self.path,
@@ -55,6 +71,10 @@ class ControlServer:
                 os.unlink(self.path)     # nobody answers: stale
                 return
         raise OSError(98, f"{self.path} is in use by a running ringd")
+
+    def fileno(self) -> int:
+        """The listening socket (to keep across ringd upgrade)."""
+        return self.server.sockets[0].fileno()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -82,6 +102,9 @@ class ControlServer:
                 reply = {"ok": False, "error": f"bad request: {e}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+            if reply.get("exec"):
+                # ringd upgrade: the answer is out, the exec may follow
+                self.master.upgrades.reply_written()
         except (asyncio.TimeoutError, asyncio.LimitOverrunError, ConnectionError, OSError,
                 asyncio.IncompleteReadError, ValueError):
             pass
@@ -101,6 +124,23 @@ class ControlServer:
             return {"ok": False, "error": msg}
         ok, msg = await self.master.submit("reload")
         return {"ok": ok, "message" if ok else "error": msg}
+
+    async def _upgrade(self, req) -> dict:
+        """{"cmd": "upgrade"[, "config": FILE]}: re-execute the master in place.
+        Answers {"ok": true, "exec": true, "attempt": N, ...} right before the
+        exec (this connection does not survive it: the client learns the
+        outcome from status), or {"ok": false, "error": ...} if refused."""
+        given = req.get("config")
+        mine = self.master.config_path
+        if given is not None and (not isinstance(given, str) or not same_file(given, mine)):
+            msg = (f"{given} is not the file this master runs ({mine}); an upgrade re-reads "
+                   f"{mine}: edit that file, or restart ringd with -c {given}")
+            self.master.upgrades.refuse_request(msg)
+            return {"ok": False, "error": msg}
+        ok, result = await self.master.submit("upgrade")
+        if not ok:
+            return {"ok": False, "error": result}
+        return {"ok": True, "exec": True, **result}
 
     async def _stop(self, req) -> dict:
         cmd = "fast_stop" if req.get("now") else "graceful_stop"

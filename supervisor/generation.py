@@ -7,9 +7,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from . import PACKAGE_VERSION, __version__
 from .config import Config
 from .listeners import keys_of
-from .native import SharedState, server_table
+from .native import SharedState, lib, server_table
 
 
 @dataclass
@@ -42,11 +43,20 @@ class SlotState:
 
 
 class Generation:
-    def __init__(self, number: int, cfg: Config):
+    def __init__(self, number: int, cfg: Config, shm: SharedState | None = None):
         self.number = number
         self.config = cfg
         self.servers = server_table(cfg)
-        self.shm = SharedState(number, cfg.ringd.workers, len(cfg.listeners), len(self.servers))
+        self.shm = shm or SharedState(number, cfg.ringd.workers, len(cfg.listeners),
+                                      len(self.servers))
+        # the image that forked the workers (another one after ringd upgrade)
+        self.version = __version__
+        self.package_version = PACKAGE_VERSION
+        self.ctrl_version = lib.RINGD_CTRL_VERSION    # commands its workers understand
+        # adopted across ringd upgrade from an image with another shared
+        # memory layout: `shm` is a private zeroed segment that no worker
+        # sees, the workers' own is never touched (see ringd.upgrade)
+        self.opaque = False
         self.workers: list[WorkerProc | None] = [None] * cfg.ringd.workers
         self.slots = [SlotState() for _ in range(cfg.ringd.workers)]
         self.state = "starting"     # starting, active, draining, done

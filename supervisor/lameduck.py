@@ -135,6 +135,26 @@ class LameDuck(Component):
             self._timer.cancel()
             self._timer = None
 
+    # ringd upgrade: the state (and a running timer) survives the exec
+    state_key = "lameduck"
+
+    def export_state(self) -> tuple[dict, dict[str, int]]:
+        # CLOCK_MONOTONIC is the host's, so the deadline means the same after the exec
+        return {"deadline": self._deadline, "since": self._since, "after": self._after,
+                "drains": self.drains, "cancelled": self.cancelled}, {}
+
+    def import_state(self, state: dict, fds: dict[str, int]) -> None:
+        self.drains = int(state.get("drains", 0))
+        self.cancelled = int(state.get("cancelled", 0))
+        deadline = state.get("deadline")
+        if deadline is None or self._is_stopping():
+            return
+        self._deadline = float(deadline)
+        self._since = state.get("since")
+        self._after = state.get("after")
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, self._deadline - time.monotonic()), self._expire)
+
     def snapshot(self) -> dict:
         """For `ringd status`, GET /status and the metrics."""
         state = self.state

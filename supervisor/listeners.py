@@ -17,6 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from . import fdstore
 from .config import Address, Config
 
 
@@ -63,6 +64,7 @@ class ListenerSockets:
     def __init__(self) -> None:
         self._socks: dict[SocketKey, socket.socket] = {}
         self._backlog: dict[SocketKey, int] = {}
+        self._stored: set[SocketKey] = set()     # in systemd's fd store (ringd.fdstore)
 
     def prepare(self, config: Config, slots: list[int] | None = None
                 ) -> tuple[dict[SocketKey, socket.socket], list[SocketKey]]:
@@ -89,16 +91,80 @@ class ListenerSockets:
                         self._socks[k] = sock
                         self._backlog[k] = lst.backlog
                         new.append(k)
+                        if fdstore.enabled() and fdstore.store(k, sock.fileno()):
+                            self._stored.add(k)
                     elif self._backlog[k] != lst.backlog:
                         sock.listen(lst.backlog)   # listen() again resizes the queue
                         self._backlog[k] = lst.backlog
                     wanted[k] = sock
         except BindError:
-            for k in new:
-                self._socks.pop(k).close()
-                self._backlog.pop(k, None)
+            self._close({k: 0 for k in new}, forget=True)
             raise
         return wanted, new
+
+    def adopt_passed(self, config: Config, passed: list[tuple[int, str]]
+                     ) -> tuple[list[SocketKey], list[tuple[str, str]]]:
+        """Take the listening sockets systemd passed in ($LISTEN_FDS, see
+        ringd.fdstore) whose name and address are those of a listener slot
+        of `config`; prepare() then binds only what is still missing.
+        Returns (keys adopted, [(name, why)] of the fds closed instead)."""
+        wanted = keys_of(config)
+        adopted, rejected = [], []
+        for fd, name in passed:
+            why, key, sock = _check_passed(fd, name, wanted)
+            if why:
+                rejected.append((name, why))
+                if sock is not None:
+                    sock.close()
+                else:
+                    os.close(fd)
+                if fdstore.parse_name(name) is not None:
+                    fdstore.remove(name)    # or systemd passes it again next time
+                continue
+            if key in self._socks:
+                rejected.append((name, "a second socket for the same listener slot"))
+                sock.close()
+                continue
+            self._socks[key] = sock
+            self._backlog[key] = -1         # prepare() sets the configured backlog
+            self._stored.add(key)           # systemd holds it already
+            adopted.append(key)
+        return adopted, rejected
+
+    # ------------------------------------------------------------ ringd upgrade
+
+    def export(self) -> list[dict]:
+        """Every socket, for the next image of this master (ringd.upgrade):
+        its key, backlog, fd and whether systemd stores it."""
+        return [{"family": k.family, "ip": k.ip, "port": k.port, "slot": k.slot,
+                 "backlog": self._backlog.get(k, -1), "fd": s.fileno(),
+                 "stored": k in self._stored}
+                for k, s in self._socks.items()]
+
+    def adopt_exported(self, entries: list[dict]) -> list[str]:
+        """The new image takes the sockets export() listed; returns what was
+        wrong with the ones it could not take (closed)."""
+        problems = []
+        for e in entries:
+            try:
+                key = SocketKey(int(e["family"]), str(e["ip"]), int(e["port"]), int(e["slot"]))
+                fd = int(e["fd"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"unreadable socket entry {e!r}")
+                continue
+            try:
+                sock = socket.socket(fileno=fd)
+                os.set_inheritable(fd, False)
+                if _sockname(sock) != (key.ip, key.port):
+                    raise OSError(0, f"fd {fd} is {_sockname(sock)}")
+            except OSError as err:
+                problems.append(f"{key.ip}:{key.port}#{key.slot}: {err.strerror or err}")
+                continue
+            self._socks[key] = sock
+            self._backlog[key] = int(e.get("backlog", -1))
+            if e.get("stored"):
+                self._stored.add(key)
+        return problems
 
     def adoptable(self, config: Config) -> set[SocketKey]:
         """Open sockets of slots this config no longer has (it runs fewer
@@ -145,21 +211,65 @@ class ListenerSockets:
         return [s.fileno() for s in self._socks.values()]
 
     def retire(self, keep: set[SocketKey]) -> dict[SocketKey, int]:
-        """Close every socket whose key is not in `keep`; returns each closed
-        key with the connections that were queued on it at the close."""
+        """Close every socket whose key is not in `keep` (for good: out of
+        systemd's fd store too); returns each closed key with the
+        connections that were queued on it at the close."""
         gone = {k: self.queued(k) for k in self._socks if k not in keep}
-        for k in gone:
-            self._socks.pop(k).close()
-            self._backlog.pop(k, None)
+        self._close(gone, forget=True)
         return gone
 
-    def close_all(self) -> None:
-        self.retire(set())
+    def close_all(self, forget: bool = True) -> None:
+        """Close every socket; `forget` False leaves them in systemd's fd
+        store (the master dies of an error: a restart gets them back)."""
+        self._close(dict.fromkeys(self._socks, 0), forget)
+
+    def _close(self, keys, forget: bool) -> None:
+        for k in keys:
+            self._socks.pop(k).close()
+            self._backlog.pop(k, None)
+            if k in self._stored:
+                self._stored.discard(k)
+                if forget:
+                    fdstore.remove(fdstore.fd_name(k))
 
 
 def keys_of(config: Config) -> set[SocketKey]:
     return {_key(lst.listen, slot) for lst in config.listeners
             for slot in range(config.ringd.workers)}
+
+
+def _sockname(sock: socket.socket) -> tuple[str, int]:
+    name = sock.getsockname()
+    return (name[0], name[1]) if isinstance(name, tuple) and len(name) >= 2 else ("?", -1)
+
+
+def _check_passed(fd: int, name: str, wanted: set[SocketKey]
+                  ) -> tuple[str, SocketKey | None, socket.socket | None]:
+    """(why not, key, socket) of an fd passed in by systemd."""
+    parsed = fdstore.parse_name(name)
+    if parsed is None:
+        return f"not a name ringd gives ({fdstore.PREFIX}IP/PORT/SLOT)", None, None
+    key = SocketKey(*parsed)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        return f"not a socket ({e.strerror or e})", None, None
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family != key.family:
+            return "not a TCP socket of the named family", None, sock
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not listening", None, sock
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            return "bound without SO_REUSEPORT", None, sock
+        if _sockname(sock) != (key.ip, key.port):
+            return f"bound to {_sockname(sock)}, not the named address", None, sock
+    except OSError as e:
+        return f"cannot inspect it ({e.strerror or e})", None, sock
+    if key not in wanted:
+        return "no listener slot of the config has this address and slot", None, sock
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return "", key, sock
 
 
 def bind_hint(e: OSError) -> str:

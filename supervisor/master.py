@@ -15,7 +15,10 @@ and held back after HOLD_BACK_AFTER crashes in a row.
 Beside it, each with one job: ringd.generation (the state of a generation
 and its slots), ringd.events (what a worker's event means: log line and
 state change), ringd.handover (which listening sockets stay open across
-generations), ringd.preflight (host checks), and the components
+generations), ringd.upgrade (SIGUSR2 / ringd upgrade: the master re-executes
+itself in place and the new image adopts all of this), ringd.fdstore
+(systemd's fd store, sockets passed in after a crash), ringd.preflight
+(host checks), and the components
 (ringd.component: lame duck, server registry, health checks, admin
 endpoint, access log), which the master calls through that one interface.
 """
@@ -29,7 +32,7 @@ import sys
 import time
 
 from . import config as config_mod
-from . import log, notify, pidfile, preflight
+from . import fdstore, log, notify, pidfile, preflight
 from .component import Component
 from .config import Config, ConfigError
 from .events import WorkerEvents
@@ -38,6 +41,8 @@ from .handover import ADOPT_QUIET, SocketHandover
 from .lameduck import DRAINING, LameDuck
 from .listeners import BindError, ListenerSockets, bind_hint, raise_nofile
 from .native import EVENT_SIZE, decode_event, encode_cmd, lib, plan_cpus, sqpoll_wanted
+from .status import collect as collect_status
+from .upgrade import SIGNALS, Upgrades
 
 READY_TIMEOUT = 15.0        # a new generation must accept within this
 STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
@@ -50,11 +55,18 @@ HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held bac
 RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
 
 
+# control-channel commands by the RINGD_CTRL_VERSION that introduced them: a
+# generation adopted across ringd upgrade gets only what its workers know
+CMD_SINCE = {lib.RINGD_CMD_DRAIN: 1, lib.RINGD_CMD_STOP: 1, lib.RINGD_CMD_POKE_ACCEPT: 1}
+
+
 class Master:
-    def __init__(self, config_path: str, cfg: Config, *, test_hooks: bool = False):
+    def __init__(self, config_path: str, cfg: Config, *, test_hooks: bool = False,
+                 resume=None):
         self.config_path = config_path
         self.config = cfg
         self.test_hooks = test_hooks
+        self.resume = resume      # ringd.upgrade.Resume: this image was exec'ed in place
         self.log = log.get()
         self.sockets = ListenerSockets()
         self.generations: list[Generation] = []
@@ -68,7 +80,9 @@ class Master:
         self.reloads_ok = 0
         self.reloads_rejected = 0
         self.worker_restarts = 0
-        self.started_at = time.time()
+        self.started_at = time.time()     # the master (carried across ringd upgrade)
+        self.exec_started = time.time()   # this image of it
+        self.upgrades = Upgrades(self)
         self.pidfile_path = cfg.ringd.pidfile
         self.pidfile: pidfile.Pidfile | None = None
         self.control = None       # ringd.control.ControlServer
@@ -101,12 +115,17 @@ class Master:
         soft, hard = raise_nofile()
         self.log.info("start", config=self.config_path, pid=os.getpid(),
                       workers=self.config.ringd.workers, nofile=soft,
-                      sqpoll=sqpoll_wanted(self.config))
-        preflight.migrate_hint(self.log)
-        preflight.check_buffer_caps(self.config, self.log)
+                      sqpoll=sqpoll_wanted(self.config),
+                      upgraded_in_place=True if self.resume is not None else None)
+        if self.resume is None:     # said once, by the first image
+            preflight.migrate_hint(self.log)
+            preflight.check_buffer_caps(self.config, self.log)
         try:
             # held (locked) until the master exits: see pidfile.py
-            self.pidfile = pidfile.Pidfile.acquire(self.pidfile_path)
+            if self.resume is not None:
+                self.pidfile = self.resume.adopt_pidfile(self)
+            else:
+                self.pidfile = pidfile.Pidfile.acquire(self.pidfile_path)
         except pidfile.PidfileError as e:
             self.log.error("start_failed", reason=str(e))
             return 1
@@ -116,6 +135,18 @@ class Master:
             self.pidfile.release()
 
     async def _run(self) -> int:
+        resume = self.resume
+        if resume is not None:
+            # ringd upgrade: the sockets of the image before this one, no bind
+            resume.adopt_sockets(self)
+        else:
+            passed = fdstore.listen_fds()      # systemd's fd store, after a crash
+            if passed:
+                adopted, rejected = self.sockets.adopt_passed(self.config, passed)
+                self.log.info("listen_fds_adopted", sockets=sorted(fdstore.fd_name(k)
+                                                                 for k in adopted))
+                for name, why in rejected:
+                    self.log.warning("listen_fd_closed", name=name, reason=why)
         if self.srclimit is None:
             from .srclimit import SourceTable, SourceTableError, columns_for_host
             try:
@@ -124,26 +155,29 @@ class Master:
             except SourceTableError as e:
                 where = self.config.where("ringd", "source_table_size")
                 self.log.error("start_failed", reason=f"{where}: {e}")
+                self.sockets.close_all(forget=False)
                 return 1
         try:
             self.sockets.prepare(self.config)
         except BindError as e:
             self.log.error("start_failed", reason=str(e))
+            self.sockets.close_all(forget=False)
             return 1
-        for sig, cmd in ((signal.SIGHUP, "reload"), (signal.SIGQUIT, "graceful_stop"),
-                         (signal.SIGTERM, "fast_stop"), (signal.SIGINT, "fast_stop"),
-                         (signal.SIGUSR1, "reopen")):
+        for sig, cmd in SIGNALS.items():
             self.loop.add_signal_handler(sig, self._on_signal, cmd)
+        # an upgrade blocked them across the exec; pending ones arrive now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNALS))
 
         from .control import ControlServer
-        self.control = ControlServer(self, self.config.ringd.control_socket)
+        self.control = ControlServer(self, self.config.ringd.control_socket
+                                     if resume is None else resume.control_path)
         try:
-            await self.control.start()
+            await self.control.start(None if resume is None else resume.control_fd)
         except OSError as e:
             self.log.error("start_failed", reason=f"{self.config.where('ringd', 'control_socket')}: "
                                                   f"cannot listen on "
                                                   f"{self.config.ringd.control_socket}: {e.strerror}")
-            self.sockets.close_all()
+            self.sockets.close_all(forget=False)
             return 1
 
         from .accesslog import AccessLog
@@ -151,6 +185,11 @@ class Master:
         from .health import HealthChecker
         from .servers import ServerRegistry
         self.admin = Admin(self)
+        self.servers = ServerRegistry(self)
+        self.health = HealthChecker(self, self.servers)
+        self.components += [self.servers, self.health, self.admin, AccessLog(self)]
+        if resume is not None:
+            resume.import_components(self)     # the admin socket among them
         try:
             self.admin.bind(self.config.admin.listen)
         except OSError as e:
@@ -158,25 +197,29 @@ class Master:
                                                   f"cannot listen on {self.config.admin.listen}: "
                                                   f"{e.strerror}{bind_hint(e)}")
             await self.control.stop()
-            self.sockets.close_all()
+            self.sockets.close_all(forget=False)
             return 1
-        self.servers = ServerRegistry(self)
-        self.health = HealthChecker(self, self.servers)
-        self.components += [self.servers, self.health, self.admin, AccessLog(self)]
-        gen = self._new_generation(self.config)
-        ok, reason = await self._wait_ready(gen)
-        if not ok:
-            self.log.error("start_failed", reason=reason)
-            await self._stop_all(fast=True)
-            await self.control.stop()
-            self.sockets.close_all()
-            return 1
-        self._activate(gen)
-        for c in self.components:
-            await c.start()
-        self.log.info("ready", generation=gen.number, workers=len(gen.workers),
-                      listeners=[str(lst.listen) for lst in self.config.listeners])
-        notify.ready(self._status_line())
+        if resume is not None:
+            await resume.adopt_generations(self)
+            for c in self.components:
+                await c.start()
+            # the new code's generation, exactly like a reload
+            await self.upgrades.complete()
+        else:
+            gen = self._new_generation(self.config)
+            ok, reason = await self._wait_ready(gen)
+            if not ok:
+                self.log.error("start_failed", reason=reason)
+                await self._stop_all(fast=True)
+                await self.control.stop()
+                self.sockets.close_all(forget=False)
+                return 1
+            self._activate(gen)
+            for c in self.components:
+                await c.start()
+            self.log.info("ready", generation=gen.number, workers=len(gen.workers),
+                          listeners=[str(lst.listen) for lst in self.config.listeners])
+            notify.ready(self._status_line())
 
         watchdog = asyncio.create_task(self._watchdog())
         try:
@@ -186,7 +229,9 @@ class Master:
             for c in self.components:
                 await c.stop()
             await self.control.stop()
-            self.sockets.close_all()
+            # a deliberate stop takes the sockets out of systemd's fd store;
+            # an error that ends the master leaves them there for Restart=
+            self.sockets.close_all(forget=self.stopping)
         self.log.info("exit", code=self.exit_code)
         return self.exit_code
 
@@ -211,6 +256,9 @@ class Master:
                 log.reopen()
                 self.log.info("logs_reopened", file=log.STREAM.path)
                 result = (True, "reopened")
+            elif cmd == "upgrade":
+                # returns only if the upgrade was refused or the exec failed
+                result = await self.upgrades.upgrade(fut)
             else:
                 result = (False, f"unknown command {cmd}")
             if fut is not None and not fut.done():
@@ -219,11 +267,11 @@ class Master:
                 self._drain_queue()
                 return
 
-    def _drain_queue(self) -> None:
+    def _drain_queue(self, why: str = "ringd is stopping") -> None:
         while not self.commands.empty():
             _, fut = self.commands.get_nowait()
             if fut is not None and not fut.done():
-                fut.set_result((False, "ringd is stopping"))
+                fut.set_result((False, why))
 
     async def submit(self, cmd: str) -> tuple[bool, str]:
         """Queue a command and wait for its outcome (control socket)."""
@@ -322,6 +370,8 @@ class Master:
         return column
 
     def _send(self, w: WorkerProc, cmd: int, arg: int = 0) -> None:
+        if CMD_SINCE.get(cmd, lib.RINGD_CTRL_VERSION) > w.gen.ctrl_version:
+            return      # an adopted worker of an older image would not know it
         try:
             w.ctrl.send(encode_cmd(cmd, arg))
         except OSError:
@@ -543,6 +593,8 @@ class Master:
             now = time.monotonic()
             for gen in list(self.generations):
                 timeout = gen.config.ringd.watchdog_timeout
+                if gen.opaque:
+                    continue        # its heartbeats are in memory this image does not read
                 for w in gen.live():
                     if w.state not in ("ready", "draining") or w.killed:
                         continue
@@ -579,13 +631,17 @@ class Master:
             ok, msg = False, f"internal error: {e!r}"
         if ok:
             self.reloads_ok += 1
+            self.upgrades.error = None      # the new code's workers run now
         else:
             self.reloads_rejected += 1
             self.log.error("reload_rejected", reason=msg, generation=self.active.number)
         notify.ready(self._status_line())
         return ok, msg
 
-    async def _reload(self) -> tuple[bool, str]:
+    async def _reload(self, done_event: str = "reload_ok") -> tuple[bool, str]:
+        """Load the file, start a generation from it and, once it accepts,
+        drain the running one. Also the second half of ringd upgrade (with
+        done_event "upgrade_done"), in the new image."""
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as e:
@@ -640,7 +696,7 @@ class Master:
         if log_after != log_before:
             self.log.info("log_reconfigured", format=new.ringd.log_format,
                           level=new.ringd.log_level, file=new.ringd.log_file)
-        self.log.info("reload_ok", generation=gen.number, workers=len(gen.workers),
+        self.log.info(done_event, generation=gen.number, workers=len(gen.workers),
                       draining=[g.number for g in self.generations if g.state == "draining"])
         return True, f"generation {gen.number} running {self.config_path}"
 
@@ -717,8 +773,7 @@ class Master:
         return text
 
     def status(self) -> dict:
-        from .status import collect
-        return collect(self)
+        return collect_status(self)
 
 
 def _log_settings(cfg: Config) -> tuple:
@@ -746,8 +801,8 @@ def _describe_exit(code: int | None) -> str:
             70: "exit 70 (crashed)"}.get(code, f"exit {code}")
 
 
-def run(config_path: str, cfg: Config, *, test_hooks: bool = False) -> int:
+def run(config_path: str, cfg: Config, *, test_hooks: bool = False, resume=None) -> int:
     from setproctitle import setproctitle
     setproctitle(f"ringd: master -c {config_path}")
-    master = Master(config_path, cfg, test_hooks=test_hooks)
+    master = Master(config_path, cfg, test_hooks=test_hooks, resume=resume)
     return asyncio.run(master.run())

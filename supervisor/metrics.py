@@ -63,6 +63,54 @@ class Totals:
             t["bytes_from"] += s.bytes_from
 
 
+    @classmethod
+    def of(cls, gen) -> "Totals":
+        """What `gen` has counted so far, as Totals of its own."""
+        t = cls()
+        t.fold(gen)
+        return t
+
+    def add(self, other: "Totals") -> None:
+        for key, val in other.listener.items():
+            acc = self.listener[key]
+            for k, v in val.items():
+                if k == "closed":
+                    acc["closed"] = [a + b for a, b in zip(acc["closed"], v)]
+                else:
+                    acc[k] += v
+        for key, val in other.server.items():
+            for k, v in val.items():
+                self.server[key][k] += v
+        self.access_dropped += other.access_dropped
+
+    def to_json(self) -> dict:
+        return {"listener": [[name, slot, val] for (name, slot), val in self.listener.items()],
+                "server": [[up, name, val] for (up, name), val in self.server.items()],
+                "access_dropped": self.access_dropped}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Totals":
+        """Inverse of to_json; counters this image does not know are dropped,
+        counters it has and the document lacks start at 0."""
+        t = cls()
+        for name, slot, val in doc.get("listener", []):
+            acc = t.listener[(str(name), int(slot))]
+            for k in acc:
+                if k == "closed":
+                    got = [int(x) for x in val.get("closed", [])]
+                    acc["closed"] = [got[i] if i < len(got) else 0
+                                     for i in range(len(acc["closed"]))]
+                elif k in val:
+                    acc[k] += int(val[k])
+        for up, name, val in doc.get("server", []):
+            acc = t.server[(str(up), str(name))]
+            for k in acc:
+                if k in val:
+                    acc[k] += int(val[k])
+        t.access_dropped = int(doc.get("access_dropped", 0))
+        return t
+
+
 def add_listener(acc: dict, st) -> None:
     for k in LISTENER_COUNTERS:
         acc[k] += getattr(st, k)
@@ -221,6 +269,12 @@ class RingdCollector:
         for st in LAMEDUCK_STATES:
             g.add_metric([st], 1 if st == current else 0)
         yield g
+        c = CounterMetricFamily("ringd_upgrades", "In-place upgrades (ringd upgrade, SIGUSR2), by "
+                                "result: ok, refused (the running master untouched), failed (the "
+                                "new image runs, its workers did not start)", labels=["result"])
+        for result in ("ok", "refused", "failed"):
+            c.add_metric([result], m.upgrades.counts.get(result, 0))
+        yield c
         c = CounterMetricFamily("ringd_worker_restarts", "Workers respawned after an unexpected exit")
         c.add_metric([], m.worker_restarts)
         yield c

@@ -85,10 +85,16 @@ class ServerRef:
 
 
 class SharedState:
-    """The shared-memory segment of one generation (see ringd_api.h)."""
+    """The shared-memory segment of one generation (see ringd_api.h).
+
+    It lives in a memfd, mapped MAP_SHARED before the workers are forked, so
+    the workers share it through fork and a master that re-executes itself
+    in place (ringd upgrade) can map it again from the fd it kept open
+    (``adopt``). ``fd`` is that memfd (close-on-exec except across such an
+    exec)."""
 
     def __init__(self, generation: int, nworkers: int, nlisteners: int, nservers: int,
-                 log_records: int = DEFAULT_LOG_RECORDS):
+                 log_records: int = DEFAULT_LOG_RECORDS, *, fd: int | None = None):
         assert log_records & (log_records - 1) == 0
         self.generation = generation
         self.nworkers = nworkers
@@ -108,15 +114,57 @@ class SharedState:
         self._block = _align(self._w_records + ffi.sizeof("struct ringd_log_record") * log_records)
         self.size = self._off_workers + self._block * nworkers
 
-        self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        fresh = fd is None
+        if fresh:
+            fd = os.memfd_create(f"ringd-gen{generation}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, self.size)
+            except OSError:
+                os.close(fd)
+                raise
+        self.fd = fd
+        # (mmap keeps a duplicate of the fd of its own; close() closes both)
+        self._mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._base = ffi.cast("char *", ffi.from_buffer(self._mm))
-        hdr = self.header
-        hdr.abi = lib.RINGD_ABI_VERSION
-        hdr.generation = generation
-        hdr.nworkers = nworkers
-        hdr.nlisteners = nlisteners
-        hdr.nservers = nservers
-        hdr.log_ring_records = log_records
+        if fresh:
+            hdr = self.header
+            hdr.abi = lib.RINGD_ABI_VERSION
+            hdr.generation = generation
+            hdr.nworkers = nworkers
+            hdr.nlisteners = nlisteners
+            hdr.nservers = nservers
+            hdr.log_ring_records = log_records
+
+    @classmethod
+    def adopt(cls, fd: int) -> "SharedState | str":
+        """Map the segment in memfd `fd`, made by an earlier image of this
+        master. Returns the SharedState, or why it cannot be read with this
+        code's layout (another RINGD_ABI_VERSION, or a size that does not
+        match the header); the fd is the caller's either way."""
+        s_hdr = ffi.sizeof("struct ringd_shm_header")
+        raw = os.pread(fd, s_hdr, 0)
+        if len(raw) < 4:
+            return "segment shorter than its header"
+        (abi,) = struct.unpack_from("=I", raw, 0)
+        if abi != lib.RINGD_ABI_VERSION:
+            return f"shared memory ABI {abi}, this image has {lib.RINGD_ABI_VERSION}"
+        if len(raw) < s_hdr:
+            return "segment shorter than its header"
+        hdr = ffi.from_buffer("struct ringd_shm_header *", bytearray(raw))
+        log_records = hdr.log_ring_records
+        if not log_records or log_records & (log_records - 1):
+            return f"bad log ring size {log_records}"
+        shm = cls.__new__(cls)
+        try:
+            cls.__init__(shm, hdr.generation, hdr.nworkers, hdr.nlisteners, hdr.nservers,
+                         log_records, fd=fd)
+        except (OSError, ValueError) as e:
+            return f"cannot map the segment: {e}"
+        if os.fstat(fd).st_size != shm.size:
+            shm.close(keep_fd=True)
+            return "segment size does not match its header"
+        return shm
 
     @property
     def header(self):
@@ -174,10 +222,19 @@ class SharedState:
         wk.state = lib.RINGD_WS_EXITED
         return {"connections_lost": lost}
 
-    def close(self) -> None:
-        # cdata views keep the buffer exported; drop ours and let GC unmap
+    def close(self, keep_fd: bool = False) -> None:
+        """Unmap (pointers taken from this segment must not be used after)
+        and close the memfd, unless `keep_fd`."""
         self._base = None
-        self._mm = None
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass        # a cdata view still exports it: GC unmaps it later
+        if self.fd >= 0 and not keep_fd:
+            os.close(self.fd)
+        self.fd = -1
 
 
 def server_table(config: Config) -> list[ServerRef]:

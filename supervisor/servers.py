@@ -101,6 +101,13 @@ class ServerRecord:
         }
 
 
+# the plain fields of a ServerRecord that cross an upgrade as they are
+_RECORD_FIELDS = ("upstream", "name", "confirmed", "checks_enabled", "successes", "failures",
+                  "checks", "checks_failed", "last_check", "last_latency", "last_error", "reason",
+                  "last_change", "downs", "ups", "passive_downs", "weight", "config_down",
+                  "transitions")
+
+
 @dataclass
 class _GenView:
     gen: object                                    # ringd.master.Generation
@@ -195,6 +202,37 @@ class ServerRegistry(Component):
         """Has generation `gen` the server `key`?"""
         view = self._views.get(gen.number) if gen is not None else None
         return view is not None and key in view.index
+
+    # ------------------------------------------------------------ ringd upgrade
+
+    state_key = "servers"
+
+    def export_state(self) -> tuple[dict, dict[str, int]]:
+        records = []
+        for rec in self.records.values():
+            d = {f: getattr(rec, f) for f in _RECORD_FIELDS}
+            d["health"] = rec.health.value
+            d["admin"] = rec.admin.value
+            d["state"] = None if rec.state is None else int(rec.state)
+            records.append(d)
+        return {"records": records, "counts": dict(self.counts)}, {}
+
+    def import_state(self, state: dict, fds: dict[str, int]) -> None:
+        """Records come back before any generation is prepared, so that
+        prepare_generation publishes the states they had (no transition)."""
+        for d in state.get("records", []):
+            try:
+                rec = ServerRecord(str(d["upstream"]), str(d["name"]))
+                for f in _RECORD_FIELDS:
+                    if f in d and f not in ("upstream", "name"):
+                        setattr(rec, f, d[f])
+                rec.health = Health(d.get("health", "up"))
+                rec.admin = AdminState(d.get("admin", "ready"))
+                rec.state = None if d.get("state") is None else ServerState(d["state"])
+            except (KeyError, ValueError, TypeError):
+                continue        # a record this image cannot read starts afresh
+            self.records[rec.key] = rec
+        self.counts.update({str(k): int(v) for k, v in state.get("counts", {}).items()})
 
     # ------------------------------------------------------------ admin API
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from . import PACKAGE_VERSION, __version__
 from .native import END_REASONS, SERVER_STATES, WORKER_STATES
 
 
@@ -24,7 +25,10 @@ def collect(master) -> dict:
     workers = []
     for gen in master.generations:
         gens.append({"generation": gen.number, "state": gen.state,
-                     "workers": len(gen.live())})
+                     "workers": len(gen.live()), "version": gen.version,
+                     "package_version": gen.package_version,
+                     # adopted across ringd upgrade without reading its memory
+                     "opaque": gen.opaque})
         for slot in range(len(gen.workers)):
             w = gen.workers[slot]
             shm = gen.shm.worker(slot)
@@ -51,6 +55,9 @@ def collect(master) -> dict:
                 "loops": shm.loops,       # event loop iterations (one wait each)
                 "cqes": shm.cqes,         # completions handled
                 "source_column": w.source_column if w else None,   # in the source table
+                # the code it runs: that of the master image that forked it
+                "version": gen.version,
+                "package_version": gen.package_version,
             }
             entry.update(_listener_totals(gen, slot))
             workers.append(entry)
@@ -80,11 +87,18 @@ def collect(master) -> dict:
                 "last_error": rec.get("last_error", ""),
                 "checks": rec.get("checks", 0),     # active checks run (all generations)
             })
+    up = master.upgrades
     return {
         "pid": os.getpid(),
         "config": master.config_path,
+        "version": __version__,                 # of the running master image
+        "package_version": PACKAGE_VERSION,     # the Debian package's, when built as one
         "generation": master.active.number if master.active else None,
         "uptime": round(time.time() - master.started_at, 3),
+        "exec_started": master.exec_started,    # epoch seconds this image started
+        "upgrades": up.execs,                   # in-place re-executions so far
+        "upgrade": up.snapshot(),               # the last attempt, {} if none
+        "upgrade_error": up.error,              # its new workers failed: the adopted ones serve
         "reloads_ok": master.reloads_ok,
         "reloads_rejected": master.reloads_rejected,
         "worker_restarts": master.worker_restarts,

@@ -122,7 +122,7 @@ class Ringd:
 
     def __init__(self, tmp: Path, body: str, *, workers: int = 2, extra_ringd: str = "",
                  env: dict | None = None, test_hooks: bool = False,
-                 wrap: list[str] | None = None):
+                 wrap: list[str] | None = None, pass_fds: tuple = ()):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.conf = self.tmp / "ringd.toml"
@@ -134,6 +134,7 @@ class Ringd:
         self.test_hooks = test_hooks
         self.env = env or {}
         self.wrap = wrap or []       # e.g. ["prlimit", "--nofile=128:128", "--"]
+        self.pass_fds = pass_fds     # open fds the wrapper (or ringd) inherits
         self.proc: subprocess.Popen | None = None
         self.write_config(body)
 
@@ -160,7 +161,7 @@ class Ringd:
             env["RINGD_TEST_HOOKS"] = "1"
         self._logfh = open(self.logfile, "ab")
         self.proc = subprocess.Popen(self.wrap + RINGD + ["start", "-c", str(self.conf)],
-                                     stdout=self._logfh,
+                                     stdout=self._logfh, pass_fds=self.pass_fds,
                                      stderr=subprocess.STDOUT, env=env)
         if wait:
             wait_for(lambda: self.events("ready") or self.proc.poll() is not None, 20,

@@ -10,6 +10,7 @@ the line, so that one round of edit-and-check fixes them all.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import re
 import stat
@@ -77,7 +78,7 @@ def _check_text(text: str, file: str) -> Config:
     config = checker.run()
     if config is None:
         raise ConfigError(sorted(checker.issues, key=_issue_order))
-    return config
+    return dataclasses.replace(config, source=text)
 
 
 def loads(text: str, file: str = "<string>") -> Config:

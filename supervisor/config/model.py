@@ -159,6 +159,9 @@ class Config:
     # key path -> line, from the loader's scanner: for errors found after
     # loading (a port that cannot be bound) to name the line too
     lines: Any = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    # the text it was loaded from: ringd upgrade hands it to the next image,
+    # which loads it again for the generations it adopts
+    source: str = field(default="", compare=False, repr=False)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if there is none."""

@@ -1,0 +1,488 @@
+# Over 450 lines: the in-place upgrade and the fd store, each acceptance case of issue 12 in full.
+"""ringd upgrade (in-place re-exec of the master) and systemd's fd store.
+
+Real processes throughout: the master re-executes `python -m ringd` from the
+venv; the stand-in for systemd is a datagram socket that keeps what it is
+sent with FDSTORE=1 and hands it back through $LISTEN_FDS to a restarted
+master, the way sd_listen_fds(3) describes."""
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harness import (RINGD, Backend, Ringd, children_of_any, cmdline, echo_roundtrip, fd_count,
+                     free_ports, listener, upstream, wait_for)
+from test_reload import ShortClients
+
+MODES = {"sqpoll": "true", "defer_taskrun": "false"}
+
+
+def _conf(port: int, bport: int, sqpoll: str = "false", admin: int | None = None) -> str:
+    text = f"[ring]\nsqpoll = {sqpoll}\n"
+    if admin:
+        text += f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
+    return text + listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"])
+
+
+def _upgrade(r: Ringd, timeout: float = 90) -> subprocess.CompletedProcess:
+    return r.cli("upgrade", "-c", str(r.conf), timeout=timeout)
+
+
+class SlowStream:
+    """One echo connection that keeps sending chunks until stop(), then
+    half-closes; every byte that comes back is hashed against what was sent."""
+
+    def __init__(self, port: int, chunk: int = 32768, pause: float = 0.02):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sent = hashlib.sha256()
+        self.got = hashlib.sha256()
+        self.nsent = self.ngot = 0
+        self.error = ""
+        self._stop = threading.Event()
+        self._chunk, self._pause = chunk, pause
+        self._w = threading.Thread(target=self._write, daemon=True)
+        self._r = threading.Thread(target=self._read, daemon=True)
+        self._w.start()
+        self._r.start()
+
+    def _write(self) -> None:
+        k = 0
+        try:
+            while not self._stop.is_set() and k < 100000:
+                data = hashlib.sha256(b"%d" % k).digest() * (self._chunk // 32)
+                self.sock.sendall(data)
+                self.sent.update(data)
+                self.nsent += len(data)
+                k += 1
+                self._stop.wait(self._pause)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.error = f"send: {e!r}"
+
+    def _read(self) -> None:
+        try:
+            while True:
+                b = self.sock.recv(1 << 20)
+                if not b:
+                    return
+                self.got.update(b)
+                self.ngot += len(b)
+        except OSError as e:
+            self.error = f"recv: {e!r}"
+
+    def finish(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._w.join(timeout)
+        self._r.join(timeout)
+        self.sock.close()
+        assert not self._w.is_alive() and not self._r.is_alive(), "stream hangs"
+        assert self.error == "", self.error
+        assert self.ngot == self.nsent and self.got.digest() == self.sent.digest(), \
+            f"stream: sent {self.nsent} bytes, got {self.ngot} back, hashes differ"
+
+
+def _metric(r: Ringd, admin: int, name: str) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+# --------------------------------------------------------------------------- (a)
+
+@pytest.mark.parametrize("mode", MODES)
+def test_upgrade_under_load_drops_nothing(tmp_path, mode):
+    """`ringd upgrade` under 4 short-connection loops and a long stream: exit
+    0, same master pid, a new image and generation, the old one drained once
+    the stream ends; no failure, the stream's bytes intact, counters monotonic."""
+    bport, port, admin = free_ports(3)
+    with Backend("echo", [bport]):
+        conf = _conf(port, bport, MODES[mode], admin)
+        with Ringd(tmp_path, conf, workers=2, extra_ringd='drain_timeout = "60s"\n') as r:
+            before = r.status()
+            old_pids = set(r.worker_pids())
+            with ShortClients(port, 4) as sc:
+                sc.wait_ok(8)
+                stream = SlowStream(port)
+                wait_for(lambda: stream.ngot > 100000, 10, what="stream flowing")
+                accepted = _metric(r, admin, "ringd_connections_accepted_total")
+                res = _upgrade(r)
+                assert res.returncode == 0, res.stdout + res.stderr
+                assert "upgrade ok" in res.stdout
+                sc.wait_ok(20)                  # served by the new generation
+                after = r.status()
+                got_before_end = stream.ngot
+                wait_for(lambda: stream.ngot > got_before_end + 100000, 10,
+                         what="the stream flows on after the upgrade")
+                stream.finish()
+            assert sc.failures == [], sc.failures[:5]
+            assert after["pid"] == before["pid"] == r.pid and r.proc.poll() is None
+            assert after["exec_started"] > before["exec_started"]
+            assert after["upgrades"] == 1 and after["upgrade"]["state"] == "ok"
+            assert after["generation"] == 2
+            new_pids = set(r.worker_pids(2))
+            assert new_pids and not new_pids & old_pids
+            assert all(p in children_of_any(r.pid) for p in new_pids)
+            # the old generation drains once the stream is done, and is reaped
+            wait_for(lambda: [g["generation"] for g in r.status()["generations"]] == [2], 20,
+                     what="generation 1 drained")
+            assert not [p for p in old_pids if os.path.exists(f"/proc/{p}")
+                        and "ringd" in cmdline(p)]
+            assert _metric(r, admin, "ringd_connections_accepted_total") >= accepted
+            assert _metric(r, admin, 'ringd_upgrades_total{result="ok"}') == 1
+            for ev in ("upgrade_start", "upgrade_exec", "generation_adopted", "upgrade_done"):
+                assert r.events(ev), ev
+            assert r.events("upgrade_refused") == [] and r.events("upgrade_failed") == []
+            r.assert_no_traceback()
+
+
+# --------------------------------------------------------------------------- (b)
+
+class NotifyStandIn:
+    """$NOTIFY_SOCKET of a pretend systemd: keeps the fds sent with
+    FDSTORE=1 by FDNAME (a name sent again replaces the old fd), drops them
+    on FDSTOREREMOVE=1, and records every message."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.store: dict[str, int] = {}
+        self.messages: list[dict] = []
+        self.removed: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            fds = array.array("i")
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
+            with self._lock:
+                self.messages.append(fields)
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1" and fds:
+                    old = self.store.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                    self.store[name] = fds[0]
+                    for extra in fds[1:]:
+                        os.close(extra)
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if fields.get("FDSTOREREMOVE") == "1":
+                    self.removed.append(name)
+                    old = self.store.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+
+    def said(self, key: str, value: str = "1") -> int:
+        with self._lock:
+            return sum(1 for m in self.messages if m.get(key) == value)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+
+
+# sd_listen_fds as systemd sets it up: the fds at 3, 4, ... and LISTEN_PID the
+# pid of the program it executes (this wrapper's, which exec keeps)
+LISTEN_WRAPPER = r"""
+import fcntl, os, sys
+n = int(sys.argv[1])
+fds = [int(x) for x in sys.argv[2:2 + n]]
+names = sys.argv[2 + n:2 + 2 * n]
+cmd = sys.argv[2 + 2 * n:]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
+os.environ.update(LISTEN_FDS=str(n), LISTEN_FDNAMES=":".join(names), LISTEN_PID=str(os.getpid()))
+os.execv(cmd[0], cmd)
+"""
+
+
+def test_master_crash_with_fd_store_loses_no_client(tmp_path):
+    """SIGKILL the master; 50 clients connect while nothing runs; a new
+    master started with the stored sockets in $LISTEN_FDS serves every one
+    (none refused or reset). A stored socket no listener wants is closed and
+    taken out of the store."""
+    bport, port, stray_port = free_ports(3)
+    notify = NotifyStandIn(str(tmp_path / "notify.sock"))
+    clients: list[socket.socket] = []
+    stray = socket.socket()
+    try:
+        with Backend("echo", [bport]):
+            r1 = Ringd(tmp_path / "a", _conf(port, bport), workers=2,
+                       env={"NOTIFY_SOCKET": notify.path})
+            r1.start()
+            wait_for(lambda: len(notify.store) == 2 and notify.said("READY"), 10,
+                     what="both listening sockets stored")
+            assert sorted(notify.store) == [f"ringd/127.0.0.1/{port}/0",
+                                            f"ringd/127.0.0.1/{port}/1"]
+            workers = r1.worker_pids()
+            os.kill(r1.pid, signal.SIGKILL)
+            r1.proc.wait(5)
+            r1.stop()
+            # the orphaned workers notice, stop accepting and exit
+            wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "ringd" in cmdline(p)
+                                     for p in workers), 10, what="orphaned workers gone")
+            for i in range(50):
+                c = socket.create_connection(("127.0.0.1", port), timeout=10)
+                c.sendall(b"client %d\n" % i)
+                c.shutdown(socket.SHUT_WR)
+                clients.append(c)
+            # a stored socket that the config does not have (a removed listener)
+            stray.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            stray.bind(("127.0.0.1", stray_port))
+            stray.listen(8)
+            stray_name = f"ringd/127.0.0.1/{stray_port}/0"
+            names = sorted(notify.store) + [stray_name]
+            fds = [notify.store[n] for n in sorted(notify.store)] + [stray.fileno()]
+            wrap = [sys.executable, "-c", LISTEN_WRAPPER, str(len(fds))] + \
+                [str(fd) for fd in fds] + names
+            r2 = Ringd(tmp_path / "b", _conf(port, bport), workers=2,
+                       env={"NOTIFY_SOCKET": notify.path}, wrap=wrap, pass_fds=tuple(fds))
+            r2.start()
+            try:
+                for i, c in enumerate(clients):
+                    c.settimeout(15)
+                    got = b""
+                    while True:
+                        b = c.recv(4096)        # a reset raises here
+                        if not b:
+                            break
+                        got += b
+                    assert got == b"client %d\n" % i, (i, got)
+                ev = r2.wait_event("listen_fds_adopted")[0]
+                assert sorted(ev["sockets"]) == sorted(names[:2])
+                closed = r2.wait_event("listen_fd_closed")[0]
+                assert closed["name"] == stray_name
+                wait_for(lambda: stray_name in notify.removed, 5, what="stray taken out")
+                # the environment of the workers holds no LISTEN_* variable
+                wpid = r2.worker_pids()[0]
+                env = open(f"/proc/{wpid}/environ", "rb").read().split(b"\0")
+                assert not [e for e in env if e.startswith(b"LISTEN_")]
+                assert echo_roundtrip(port, b"after") == b"after"
+                r2.assert_no_traceback()
+            finally:
+                r2.stop()
+    finally:
+        for c in clients:
+            c.close()
+        stray.close()
+        notify.close()
+
+
+def test_fd_store_follows_listeners_and_stop(tmp_path):
+    """Sockets a reload drops leave the store (FDSTOREREMOVE=1); an upgrade
+    stores nothing again; a graceful stop takes every socket out."""
+    bport, p1, p2 = free_ports(3)
+    notify = NotifyStandIn(str(tmp_path / "notify.sock"))
+    try:
+        with Backend("echo", [bport]):
+            two = _conf(p1, bport) + listener("other", p2, "app")
+            r = Ringd(tmp_path, two, workers=2, env={"NOTIFY_SOCKET": notify.path})
+            with r:
+                wait_for(lambda: len(notify.store) == 4, 10, what="4 sockets stored")
+                stored = notify.said("FDSTORE")
+                res = _upgrade(r)
+                assert res.returncode == 0, res.stderr
+                assert notify.said("FDSTORE") == stored     # nothing stored twice
+                assert notify.said("RELOADING") >= 1 and notify.said("READY") >= 2
+                r.write_config(_conf(p1, bport))
+                assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+                wait_for(lambda: sorted(notify.removed) == [f"ringd/127.0.0.1/{p2}/0",
+                                                            f"ringd/127.0.0.1/{p2}/1"], 10,
+                         what="the dropped listener's sockets removed")
+                r.signal(signal.SIGQUIT)
+                assert r.wait_exit(20) == 0
+            assert notify.store == {}
+    finally:
+        notify.close()
+
+
+# --------------------------------------------------------------------------- (c)
+
+def test_broken_new_program_is_refused_and_old_master_serves(tmp_path):
+    """A pre-exec check that fails (a file the new program rejects, an
+    import that fails) refuses the upgrade with the reason; nothing changes."""
+    bport, port, admin = free_ports(3)
+    hook = tmp_path / "fail-import"
+    with Backend("echo", [bport]):
+        good = _conf(port, bport, admin=admin)
+        with Ringd(tmp_path, good, workers=2, test_hooks=True,
+                   env={"RINGD_TEST_UPGRADE_FAIL_FILE": str(hook)}) as r:
+            before = r.status()
+            pids = sorted(r.worker_pids())
+            with ShortClients(port, 2) as sc:
+                sc.wait_ok(4)
+                r.write_config(good + "\n[ringd.bogus]\n")
+                res = _upgrade(r)
+                assert res.returncode == 1
+                assert "upgrade refused" in res.stderr and "ringd.bogus" in res.stderr, res.stderr
+                r.write_config(good)
+                hook.write_text("import")
+                res = _upgrade(r)
+                assert res.returncode == 1
+                assert "cannot import ringd._native" in res.stderr, res.stderr
+                r.signal(signal.SIGUSR2)            # the same check, nobody to tell
+                r.wait_event("upgrade_refused", count=3)
+                sc.wait_ok(10)
+            assert sc.failures == [], sc.failures[:5]
+            after = r.status()
+            assert after["pid"] == before["pid"] and after["exec_started"] == before["exec_started"]
+            assert after["upgrades"] == 0 and after["upgrade"]["state"] == "refused"
+            assert sorted(r.worker_pids()) == pids and after["generation"] == 1
+            assert _metric(r, admin, 'ringd_upgrades_total{result="refused"}') == 3
+            reasons = [e["reason"] for e in r.events("upgrade_refused")]
+            assert "ringd.bogus" in reasons[0] and "ringd._native" in reasons[1]
+            assert r.events("upgrade_exec") == []
+            hook.unlink()
+            res = _upgrade(r)                       # and once fixed, it goes through
+            assert res.returncode == 0, res.stderr
+            r.assert_no_traceback()
+
+
+def test_new_workers_failing_keep_the_adopted_generation(tmp_path):
+    """After the exec the new image cannot start workers: it keeps the
+    adopted generation serving, `ringd upgrade` exits 1 and status shows
+    upgrade_error until a reload succeeds."""
+    bport, port = free_ports(2)
+    crash = tmp_path / "crash"
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, bport), workers=2, test_hooks=True,
+                   env={"RINGD_TEST_CRASH_FILE": str(crash)}) as r:
+            before = r.status()
+            pids = sorted(r.worker_pids())
+            with ShortClients(port, 2) as sc:
+                sc.wait_ok(4)
+                crash.write_text("")
+                res = _upgrade(r)
+                assert res.returncode == 1
+                assert "upgrade failed" in res.stderr, res.stderr
+                sc.wait_ok(10)
+            assert sc.failures == [], sc.failures[:5]
+            st = r.status()
+            assert st["pid"] == before["pid"] and st["exec_started"] > before["exec_started"]
+            assert st["upgrade_error"] and st["upgrade"]["state"] == "failed"
+            assert st["generation"] == 1 and sorted(r.worker_pids(1)) == pids
+            assert r.wait_event("upgrade_failed")[0]["reason"].startswith("new workers failed")
+            crash.unlink()
+            assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            assert r.status()["upgrade_error"] is None
+            assert echo_roundtrip(port, b"fixed") == b"fixed"
+
+
+def test_generation_of_another_memory_layout_is_drained_opaque(tmp_path):
+    """A generation whose shared memory the new image cannot read (another
+    RINGD_ABI_VERSION; simulated) is drained through its control channel and
+    reaped; its counters stop where the old image left them, never go back."""
+    bport, port, admin = free_ports(3)
+    hook = tmp_path / "opaque"
+    hook.write_text("")
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, bport, admin=admin), workers=2, test_hooks=True,
+                   extra_ringd='drain_timeout = "30s"\n',
+                   env={"RINGD_TEST_UPGRADE_OPAQUE_FILE": str(hook)}) as r:
+            for i in range(20):
+                assert echo_roundtrip(port, b"%d" % i) == b"%d" % i
+            accepted = _metric(r, admin, "ringd_connections_accepted_total")
+            assert accepted >= 20
+            stream = SlowStream(port)
+            wait_for(lambda: stream.ngot > 50000, 10, what="stream flowing")
+            old = set(r.worker_pids(1))
+            res = _upgrade(r)
+            assert res.returncode == 0, res.stderr
+            gens = {g["generation"]: g for g in r.status()["generations"]}
+            assert gens[1]["opaque"] is True and gens[2]["opaque"] is False
+            assert r.wait_event("generation_opaque")[0]["gen"] == 1
+            got = stream.ngot
+            wait_for(lambda: stream.ngot > got + 50000, 10, what="stream on the opaque generation")
+            stream.finish()
+            wait_for(lambda: list(gens_of(r)) == [2], 20, what="opaque generation drained")
+            assert not [p for p in old if os.path.exists(f"/proc/{p}") and "ringd" in cmdline(p)]
+            assert _metric(r, admin, "ringd_connections_accepted_total") >= accepted
+            r.assert_no_traceback()
+
+
+def gens_of(r: Ringd) -> list[int]:
+    return [g["generation"] for g in r.status()["generations"]]
+
+
+# --------------------------------------------------------------------------- (d)
+
+def test_twenty_upgrades_and_reloads_interleaved(tmp_path):
+    """10 upgrades and 10 reloads, alternating, under load: no failure, the
+    master's fd count back where it started, every worker ever seen either a
+    child of the master or gone."""
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, bport), workers=2) as r:
+            master = r.pid
+            start_fds = fd_count(master)
+            seen: set[int] = set(r.worker_pids())
+            with ShortClients(port, 4) as sc:
+                sc.wait_ok(8)
+                for i in range(20):
+                    if i % 2 == 0:
+                        res = _upgrade(r)
+                    else:
+                        res = r.cli("reload", "-c", str(r.conf))
+                    assert res.returncode == 0, (i, res.stdout, res.stderr)
+                    seen |= {w["pid"] for w in r.status()["workers"] if w["pid"]}
+                sc.wait_ok(20)
+            assert sc.failures == [], sc.failures[:5]
+            assert sc.ok > 100, sc.ok
+            st = r.status()
+            assert st["pid"] == master and st["upgrades"] == 10 and st["reloads_ok"] == 10
+            wait_for(lambda: gens_of(r) == [21], 30, what="only generation 21 left")
+            wait_for(lambda: fd_count(master) == start_fds, 10,
+                     what=f"master fd count back to {start_fds}")
+            kids = set(children_of_any(master))
+            for pid in seen:
+                alive = os.path.exists(f"/proc/{pid}") and "ringd" in cmdline(pid)
+                assert not alive or pid in kids, f"worker {pid} outlived its generation"
+            assert len(kids) == 2
+            assert r.events("upgrade_refused") == [] and r.events("reload_rejected") == []
+            r.assert_no_traceback()
+
+
+def test_fd_names_round_trip():
+    from ringd.fdstore import fd_name, parse_name
+    from ringd.listeners import SocketKey
+    for key in (SocketKey(socket.AF_INET, "127.0.0.1", 8080, 0),
+                SocketKey(socket.AF_INET6, "::1", 443, 7),
+                SocketKey(socket.AF_INET6, "2001:db8::5", 1, 1023)):
+        name = fd_name(key)
+        assert ":" not in name and len(name) <= 255 and name.isprintable()
+        assert parse_name(name) == (key.family, key.ip, key.port, key.slot)
+    for bad in ("ringd/x/1/0", "ringd/127.0.0.1/1", "other/127.0.0.1/1/0", "unknown", ""):
+        assert parse_name(bad) is None
