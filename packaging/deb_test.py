@@ -20,7 +20,12 @@ asks for, on this machine, as root:
               rejection (exit 1) while the old generation keeps serving
   stop        the unit's KillSignal (SIGQUIT) drains: a connection open at the
               signal still completes, then the master exits 0
-  upgrade     an edited conffile survives an upgrade to the next version
+  upgrade     installing the next version while a master runs under load
+              upgrades it in place (the postinst runs `ringd upgrade`):
+              zero failed connections, a long stream intact, the master pid
+              unchanged, the master and the workers of the new generation
+              run the new package version, RELOADING=1/READY=1 around it,
+              an edited conffile survives
   remove      dpkg -r keeps the conffile; dpkg -P removes it, the user, logs,
               and leaves nothing behind that no package owns
 
@@ -34,7 +39,9 @@ Exit status: 0 all passed, 1 a check failed, 77 cannot run here.
 from __future__ import annotations
 
 import argparse
+import array
 import hashlib
+import json
 import os
 import pwd
 import grp
@@ -81,7 +88,7 @@ class Test:
         self.procs: list[subprocess.Popen] = []
         self.backend: Backend | None = None
         self.sysctl_saved: dict[str, str] = {}
-        self.notify: socket.socket | None = None
+        self.notify: Notify | None = None
         self.master: subprocess.Popen | None = None
 
     # ------------------------------------------------------------ reporting
@@ -312,9 +319,7 @@ class Test:
             self.notify.close()
         if os.path.exists(path):
             os.unlink(path)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(path)
-        self.notify_log: list[str] = []
+        self.notify = Notify(path)
         env = dict(SERVICE_ENV, NOTIFY_SOCKET=path)
         self.log_path = os.path.join(self.tmp, f"ringd-{tag}.log")
         log = open(self.log_path, "w")
@@ -327,23 +332,17 @@ class Test:
         return p
 
     def wait_notify(self, want: str, timeout: float = 30.0) -> list[str]:
-        """Datagrams until one carries the line `want`; returns all of them."""
-        got = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Datagrams (since the last wait) until one carries the line `want`;
+        returns all of them."""
+        def died():
             if self.master is not None and self.master.poll() is not None:
                 raise Failed(f"master exited {self.master.returncode} before {want}\n"
                              + _indent(_tail(self.log_path)))
-            self.notify.settimeout(0.2)
-            try:
-                msg = self.notify.recv(4096).decode()
-            except socket.timeout:
-                continue
-            got.append(msg)
-            self.notify_log.append(msg)
-            if want in msg.split("\n"):
-                return got
-        raise Failed(f"no {want} within {timeout:.0f}s (got {got})\n" + _indent(_tail(self.log_path)))
+        got = self.notify.wait(want, timeout, died)
+        if got is None:
+            raise Failed(f"no {want} within {timeout:.0f}s (got {self.notify.unread()})\n"
+                         + _indent(_tail(self.log_path)))
+        return got
 
     def s_start(self):
         _, (bhost, bport) = self.addresses()
@@ -356,7 +355,14 @@ class Test:
             # setpriv execs ringd, so the master has setpriv's pid
             raise Failed(f"pidfile says {pid}, the process we started is {p.pid}")
         caps = _status(p.pid).get("CapBnd", "")
-        return f"master pid {p.pid}, CapBnd {caps}, notify: {' | '.join(m.replace(chr(10), ' ') for m in msgs)}"
+        (lhost, lport), _ = self.addresses()
+        want = {f"ringd/{lhost.replace(':', '_')}/{lport}/{i}"
+                for i in range(len(os.sched_getaffinity(0)))}
+        if set(self.notify.store) != want:
+            raise Failed(f"fd store holds {sorted(self.notify.store)}, expected {sorted(want)}")
+        return (f"master pid {p.pid}, CapBnd {caps}, notify: "
+                f"{' | '.join(m.replace(chr(10), ' ') for m in msgs)}; "
+                f"fd store: {len(want)} listening sockets")
 
     def workers(self) -> list[int]:
         return _children(self.master.pid)
@@ -493,6 +499,10 @@ class Test:
         shutil.rmtree("/run/ringd", ignore_errors=True)   # systemd removes RuntimeDirectory
         return f"{kill}: open connection completed, exit 0 after {took:.1f}s (TimeoutStopSec {timeout:g}s)"
 
+    def status_json(self) -> dict:
+        r = self.run(["/usr/bin/ringd", "status", "-c", CONFFILE, "--json"], env=SERVICE_ENV)
+        return json.loads(r.stdout)
+
     def s_upgrade(self):
         with open(CONFFILE) as f:
             text = f.read()
@@ -502,18 +512,63 @@ class Test:
         edited = "# edited by deb-test before the upgrade\n" + edited
         with open(CONFFILE, "w") as f:
             f.write(edited)
-        d = os.path.dirname(self.upgrade_deb)
-        r = self.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                      "./" + os.path.basename(self.upgrade_deb)], cwd=d, env=self.apt_env(),
-                     timeout=900)
-        bad = [ln for ln in (r.stdout + r.stderr).splitlines()
-               if re.match(r"^(E|W):|dpkg: (error|warning)", ln)]
-        if bad:
-            raise Failed("apt-get install (upgrade) reported:\n" + _indent("\n".join(bad)))
-        status = self.dpkg_status()
+        v1 = self.run(["dpkg-deb", "-f", self.deb, "Version"]).stdout.strip()
         want = self.run(["dpkg-deb", "-f", self.upgrade_deb, "Version"]).stdout.strip()
+        # the version that is installed now runs, as systemd would have it
+        p = self.start_master("v1-upgrade")
+        self.wait_notify("READY=1")
+        before = self.status_json()
+        if before["package_version"] != v1:
+            raise Failed(f"master runs package {before['package_version']!r}, expected {v1}")
+        old_workers = {w["pid"] for w in before["workers"]}
+        (lhost, lport), _ = self.addresses()
+        load = Load(lhost, lport)
+        load.start()
+        try:
+            load.wait_ok(40)
+            d = os.path.dirname(self.upgrade_deb)
+            r = self.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                          "./" + os.path.basename(self.upgrade_deb)], cwd=d,
+                         env=self.apt_env(), timeout=900)
+            out = r.stdout + r.stderr
+            bad = [ln for ln in out.splitlines()
+                   if re.match(r"^(E|W):|dpkg: (error|warning)", ln) or "did not complete" in ln]
+            if bad:
+                raise Failed("apt-get install (upgrade) reported:\n" + _indent("\n".join(bad)))
+            if "upgrade ok" not in out:
+                raise Failed("the postinst did not upgrade in place:\n" + _indent(out[-2000:]))
+            self.wait_notify("RELOADING=1", timeout=10)
+            self.wait_notify("READY=1", timeout=30)
+            load.wait_ok(40)        # the new generation serves
+        finally:
+            load.stop()
+        if load.failures:
+            raise Failed(f"{len(load.failures)} failed connections during the upgrade "
+                         f"(of {load.ok + len(load.failures)}): {load.failures[:3]}")
+        if load.stream_error:
+            raise Failed(f"the long stream across the upgrade: {load.stream_error}")
+        after = self.status_json()
+        status = self.dpkg_status()
         if status != f"install ok installed {want}":
             raise Failed(f"after the upgrade: {status!r}, expected version {want}")
+        if after["pid"] != p.pid or p.poll() is not None:
+            raise Failed(f"master pid {after['pid']} after the upgrade, was {p.pid}")
+        if after["exec_started"] <= before["exec_started"] or after["upgrades"] != 1:
+            raise Failed(f"no in-place exec: exec_started {before['exec_started']} -> "
+                         f"{after['exec_started']}, upgrades {after['upgrades']}")
+        if after["package_version"] != want:
+            raise Failed(f"the master image runs package {after['package_version']!r}, not {want}")
+        new = [w for w in after["workers"] if w["generation"] == after["generation"]]
+        if not new or any(w["package_version"] != want or w["pid"] in old_workers for w in new):
+            raise Failed(f"workers of generation {after['generation']}: "
+                         f"{[(w['pid'], w['package_version']) for w in new]}, expected new "
+                         f"processes running {want}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and set(self.workers()) & old_workers:
+            time.sleep(0.1)
+        if set(self.workers()) & old_workers:
+            raise Failed(f"old workers {sorted(set(self.workers()) & old_workers)} still run")
+        self.check_workers()
         with open(CONFFILE) as f:
             if f.read() != edited:
                 raise Failed(f"{CONFFILE} changed by the upgrade")
@@ -521,16 +576,14 @@ class Test:
         if stray:
             raise Failed(f"/etc/ringd has {stray} after the upgrade")
         self.run(self.unit_cmd("ExecStartPre"), env=SERVICE_ENV)
-        # the new version runs with the edited file
-        self.start_master("v2")
-        self.wait_notify("READY=1")
-        self.check_workers()
         self.traffic()
         self.master.send_signal(signal.SIGQUIT)
         if self.master.wait(60) != 0:
-            raise Failed("v2 master did not exit 0 after SIGQUIT")
+            raise Failed("the upgraded master did not exit 0 after SIGQUIT")
         shutil.rmtree("/run/ringd", ignore_errors=True)
-        return f"{status}; edited conffile kept byte for byte, v2 started and forwarded"
+        return (f"{status}; master pid {p.pid} kept, workers {sorted(w['pid'] for w in new)} "
+                f"run {want}; {load.ok} short connections and a {load.stream_bytes >> 20} MiB "
+                f"stream, none failed; edited conffile kept byte for byte")
 
     def s_remove(self):
         r = self.run(["dpkg", "--remove", "ringd"], env=self.apt_env())
@@ -616,7 +669,7 @@ class Test:
                 ("ExecReload", self.s_exec_reload),
                 ("ExecReload rejects a broken file", self.s_exec_reload_rejected),
                 ("graceful stop (KillSignal)", self.s_stop),
-                ("upgrade keeps the edited conffile", self.s_upgrade),
+                ("upgrade in place under load (postinst: ringd upgrade)", self.s_upgrade),
                 ("dpkg -r", self.s_remove),
                 ("dpkg -P", self.s_purge),
                 ("no leftovers", self.s_leftovers),
@@ -636,6 +689,173 @@ class Test:
             self.cleanup()
         print(f"deb-test: {self.passed} passed, {self.failed} failed")
         return 0 if self.failed == 0 else 1
+
+
+# ---------------------------------------------------------------- notify, load
+
+class Notify:
+    """$NOTIFY_SOCKET, read all the time (a queue of unread datagrams would
+    make the master wait): the messages, and the fd store as systemd keeps it
+    (FDSTORE=1 by FDNAME, FDSTOREREMOVE=1)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.msgs: list[str] = []
+        self.cursor = 0
+        self.store: dict[str, int] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.closed:
+            try:
+                msg, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            fds = array.array("i")
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            text = msg.decode(errors="replace")
+            fields = dict(ln.split("=", 1) for ln in text.split("\n") if "=" in ln)
+            with self.cond:
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1" and fds:
+                    if name in self.store:
+                        os.close(self.store.pop(name))
+                    self.store[name] = fds.pop(0)
+                elif fields.get("FDSTOREREMOVE") == "1" and name in self.store:
+                    os.close(self.store.pop(name))
+                for fd in fds:
+                    os.close(fd)
+                self.msgs.append(text)
+                self.cond.notify_all()
+
+    def wait(self, want: str, timeout: float, check) -> list[str] | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(self.cursor, len(self.msgs)):
+                    if want in self.msgs[i].split("\n"):
+                        got, self.cursor = self.msgs[self.cursor:i + 1], i + 1
+                        return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 0.2))
+                check()
+
+    def unread(self) -> list[str]:
+        with self.cond:
+            return self.msgs[self.cursor:]
+
+    def close(self):
+        self.closed = True
+        self.thread.join(5)
+        self.sock.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+
+
+class Load:
+    """Four loops of short echo exchanges and one long stream, until stop():
+    what failed, and whether the stream's bytes came back intact."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stream_error = ""
+        self.stream_bytes = 0
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._short, args=(i,), daemon=True)
+                        for i in range(4)] + [threading.Thread(target=self._stream, daemon=True)]
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def _short(self, i: int):
+        k = 0
+        while not self.stopping.is_set() and k < 200000:
+            k += 1
+            data = os.urandom(64 + (k * 37) % 2000)
+            try:
+                got = _echo_once(self.host, self.port, data)
+                if got != data:
+                    raise Failed(f"{len(got)} bytes back for {len(data)}, or different")
+                with self.lock:
+                    self.ok += 1
+            except Exception as e:
+                with self.lock:
+                    self.failures.append(f"loop {i} #{k}: {type(e).__name__}: {e}")
+
+    def _stream(self):
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        n = {"got": 0}
+        try:
+            s = socket.create_connection((self.host, self.port), timeout=30)
+            s.settimeout(60)
+
+            def reader():
+                while True:
+                    b = s.recv(1 << 20)
+                    if not b:
+                        return
+                    got.update(b)
+                    n["got"] += len(b)
+            t = threading.Thread(target=reader, daemon=True)
+            t.start()
+            while not self.stopping.is_set():
+                chunk = os.urandom(64 << 10)
+                s.sendall(chunk)
+                sent.update(chunk)
+                self.stream_bytes += len(chunk)
+                time.sleep(0.01)
+            s.shutdown(socket.SHUT_WR)
+            t.join(60)
+            s.close()
+            if t.is_alive():
+                self.stream_error = "no EOF after the stream's end"
+            elif n["got"] != self.stream_bytes or got.digest() != sent.digest():
+                self.stream_error = (f"sent {self.stream_bytes} bytes, got {n['got']} back, "
+                                     "hashes differ")
+        except Exception as e:
+            self.stream_error = f"{type(e).__name__}: {e}"
+
+    def wait_ok(self, more: int, timeout: float = 30):
+        start, deadline = self.ok, time.monotonic() + timeout
+        while self.ok < start + more:
+            if time.monotonic() > deadline:
+                raise Failed(f"load: only {self.ok - start} of {more} exchanges in {timeout:.0f}s "
+                             f"({self.failures[:3]})")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.stopping.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def _echo_once(host: str, port: int, data: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.settimeout(10)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = bytearray()
+        while True:
+            b = s.recv(65536)
+            if not b:
+                return bytes(out)
+            out.extend(b)
 
 
 # ---------------------------------------------------------------- backend

@@ -228,6 +228,7 @@ class Upgrades:
         doc, _ = export_state(m)
         argv = self.program + ["upgrade-check", "-c", m.config_path]
         env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)      # systemd hears the master, nobody else
         if m.test_hooks:
             env["RINGD_TEST_HOOKS"] = "1"
         fds = [_memfd("ringd-upgrade-check", json.dumps(doc).encode()),
