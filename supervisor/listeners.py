@@ -105,10 +105,14 @@ class ListenerSockets:
     def adopt_passed(self, config: Config, passed: list[tuple[int, str]]
                      ) -> tuple[list[SocketKey], list[tuple[str, str]]]:
         """Take the listening sockets systemd passed in ($LISTEN_FDS, see
-        ringd.fdstore) whose name and address are those of a listener slot
-        of `config`; prepare() then binds only what is still missing.
+        ringd.fdstore) whose name and address are those of a listener of
+        `config`; prepare() then binds only what is still missing. A slot
+        beyond the configured workers (there were more before) is taken too:
+        the first generation adopts it or lets it go as a reload with fewer
+        workers would (ringd.handover), so what is queued on it is not lost.
         Returns (keys adopted, [(name, why)] of the fds closed instead)."""
-        wanted = keys_of(config)
+        wanted = {(lst.listen.family, lst.listen.ip, lst.listen.port)
+                  for lst in config.listeners}
         adopted, rejected = [], []
         for fd, name in passed:
             why, key, sock = _check_passed(fd, name, wanted)
@@ -243,7 +247,7 @@ def _sockname(sock: socket.socket) -> tuple[str, int]:
     return (name[0], name[1]) if isinstance(name, tuple) and len(name) >= 2 else ("?", -1)
 
 
-def _check_passed(fd: int, name: str, wanted: set[SocketKey]
+def _check_passed(fd: int, name: str, wanted: set[tuple[int, str, int]]
                   ) -> tuple[str, SocketKey | None, socket.socket | None]:
     """(why not, key, socket) of an fd passed in by systemd."""
     parsed = fdstore.parse_name(name)
@@ -265,8 +269,8 @@ def _check_passed(fd: int, name: str, wanted: set[SocketKey]
             return f"bound to {_sockname(sock)}, not the named address", None, sock
     except OSError as e:
         return f"cannot inspect it ({e.strerror or e})", None, sock
-    if key not in wanted:
-        return "no listener slot of the config has this address and slot", None, sock
+    if (key.family, key.ip, key.port) not in wanted:
+        return "no listener of the config has this address", None, sock
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return "", key, sock

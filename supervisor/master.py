@@ -205,6 +205,7 @@ class Master:
                 await c.start()
             # the new code's generation, exactly like a reload
             await self.upgrades.complete()
+            resume.requeue(self)
         else:
             gen = self._new_generation(self.config)
             ok, reason = await self._wait_ready(gen)

@@ -79,7 +79,8 @@ OLDEST_READABLE = 1     # the oldest format this code can adopt
 ENV = "RINGD_UPGRADE_STATE"     # the memfd's number, in the new image's environment
 CHECK_TIMEOUT = 30.0    # the pre-exec check must answer within this
 REPLY_GRACE = 2.0       # the client's answer is written before the exec, within this
-FAIL_HOOK = "RINGD_TEST_UPGRADE_FAIL_FILE"  # test hook: the check fails while it exists
+# test hook: while it exists, the check fails ("import") or takes longer ("sleep N")
+FAIL_HOOK = "RINGD_TEST_UPGRADE_FAIL_FILE"
 # test hook: while it exists, the new image adopts every generation opaque, as
 # if its shared memory had another layout
 OPAQUE_HOOK = "RINGD_TEST_UPGRADE_OPAQUE_FILE"
@@ -195,8 +196,8 @@ class Upgrades:
         except Exception as e:      # never let a bug here take the master down
             m.log.exception("upgrade_check_error", error=repr(e))
             ok, info = False, f"internal error: {e!r}"
-        if not ok:
-            result = self._refused(attempt, info)
+        if not ok or m.stop_event.is_set():
+            result = self._refused(attempt, info if not ok else "a stop was requested meanwhile")
             notify.ready(m._status_line())
             return result
         self.last.update(state="exec", to_version=info.get("version"),
@@ -213,11 +214,34 @@ class Upgrades:
             except asyncio.TimeoutError:
                 pass
             self._reply_sent = None
-        m._drain_queue("ringd re-executed itself (ringd upgrade) meanwhile: ask again")
+        # From here on the master's signals stay pending for the new image.
+        # One that arrived just before the block is in asyncio's wakeup pipe:
+        # let the loop turn it into a command first.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if m.stop_event.is_set():
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            result = self._refused(attempt, "a stop was requested meanwhile")
+            notify.ready(m._status_line())
+            return result
+        # commands that waited behind this one: a client's is answered (its
+        # connection does not survive the exec), a signal's is handed over
+        pending = []
+        while not m.commands.empty():
+            cmd, waiting = m.commands.get_nowait()
+            if waiting is None:
+                pending.append(cmd)
+            elif not waiting.done():
+                waiting.set_result((False, "ringd re-executed itself (ringd upgrade) "
+                                           "meanwhile: ask again"))
         m.log.info("upgrade_exec", attempt=attempt, argv=self.argv,
                    to_version=info.get("version"), to_package=info.get("package_version"),
-                   opaque_generations=info.get("opaque", []))
-        reason = self._exec()
+                   opaque_generations=info.get("opaque", []), pending=pending or None)
+        reason = self._exec(pending)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for cmd in pending:
+            m.commands.put_nowait((cmd, None))
         result = self._refused(attempt, reason)
         notify.ready(m._status_line())
         return result
@@ -261,10 +285,12 @@ class Upgrades:
             return False, f"the new program's check printed no answer: {out[-300:]!r}"
         return True, info
 
-    def _exec(self) -> str:
-        """execve the start command with the state; returns why it failed."""
+    def _exec(self, pending: list[str]) -> str:
+        """execve the start command with the state (signals are blocked);
+        returns why it failed."""
         m = self.master
         doc, fds = export_state(m)
+        doc["pending"] = pending
         try:
             state = _memfd("ringd-upgrade-state", json.dumps(doc).encode(), inheritable=True)
         except OSError as e:
@@ -272,7 +298,6 @@ class Upgrades:
         env = dict(os.environ)
         env[ENV] = str(state)
         made: list[int] = []
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
         try:
             for fd in fds:
                 os.set_inheritable(fd, True)
@@ -287,7 +312,6 @@ class Upgrades:
                     os.set_inheritable(fd, False)
                 except OSError:
                     pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(state)
             return f"exec {self.argv[0]} failed: {e.strerror or e}"
         raise AssertionError("unreachable")     # pragma: no cover
@@ -656,6 +680,12 @@ class Resume:
         m.loop.add_reader(pidfd, m._on_worker_exit, w)
         m.loop.add_reader(ctrl_fd, m._on_worker_event, w)
 
+    def requeue(self, m) -> None:
+        """Signals the previous image took but had not handled yet."""
+        for cmd in self.doc.get("pending", []):
+            if cmd in SIGNALS.values():
+                m.commands.put_nowait((cmd, None))
+
     def _respawn_missing(self, m, gen: Generation) -> None:
         """Slots of the active generation whose worker was down at the exec
         come back as they would have (the new generation replaces them all
@@ -706,6 +736,8 @@ def check_main(config_path: str) -> int:
         if what == "import":
             print("cannot import ringd._native: simulated failure (test hook)", file=sys.stderr)
             return 1
+        if what.startswith("sleep "):       # a slow check: things happen meanwhile
+            time.sleep(float(what.split()[1]))
     try:
         from . import native
         # everything the master imports, so that a broken module shows now

@@ -229,11 +229,13 @@ os.execv(cmd[0], cmd)
 """
 
 
-def test_master_crash_with_fd_store_loses_no_client(tmp_path):
+@pytest.mark.parametrize("workers_after", [2, 1])
+def test_master_crash_with_fd_store_loses_no_client(tmp_path, workers_after):
     """SIGKILL the master; 50 clients connect while nothing runs; a new
     master started with the stored sockets in $LISTEN_FDS serves every one
-    (none refused or reset). A stored socket no listener wants is closed and
-    taken out of the store."""
+    (none refused or reset), also when it runs fewer workers than there are
+    stored slots. A stored socket no listener wants is closed and taken out
+    of the store."""
     bport, port, stray_port = free_ports(3)
     notify = NotifyStandIn(str(tmp_path / "notify.sock"))
     clients: list[socket.socket] = []
@@ -268,7 +270,7 @@ def test_master_crash_with_fd_store_loses_no_client(tmp_path):
             fds = [notify.store[n] for n in sorted(notify.store)] + [stray.fileno()]
             wrap = [sys.executable, "-c", LISTEN_WRAPPER, str(len(fds))] + \
                 [str(fd) for fd in fds] + names
-            r2 = Ringd(tmp_path / "b", _conf(port, bport), workers=2,
+            r2 = Ringd(tmp_path / "b", _conf(port, bport), workers=workers_after,
                        env={"NOTIFY_SOCKET": notify.path}, wrap=wrap, pass_fds=tuple(fds))
             r2.start()
             try:
@@ -369,6 +371,38 @@ def test_broken_new_program_is_refused_and_old_master_serves(tmp_path):
             res = _upgrade(r)                       # and once fixed, it goes through
             assert res.returncode == 0, res.stderr
             r.assert_no_traceback()
+
+
+def test_signals_during_an_upgrade_are_not_lost(tmp_path):
+    """A SIGHUP that arrives while the check runs is handed to the new image,
+    which reloads after its own generation is up; a stop that arrives while
+    the check runs wins: the upgrade is refused and ringd stops."""
+    bport, port = free_ports(2)
+    slow = tmp_path / "slow"
+    slow.write_text("sleep 1.5")
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path / "a", _conf(port, bport), workers=2, test_hooks=True,
+                   env={"RINGD_TEST_UPGRADE_FAIL_FILE": str(slow)}) as r:
+            r.signal(signal.SIGUSR2)
+            r.wait_event("upgrade_start")
+            r.signal(signal.SIGHUP)             # queued behind the upgrade
+            assert r.wait_event("upgrade_exec", timeout=20)[0]["pending"] == ["reload"]
+            r.wait_event("upgrade_done", timeout=20)
+            r.wait_event("reload_ok", timeout=20)
+            st = r.status()
+            assert st["upgrades"] == 1 and st["reloads_ok"] == 1 and st["generation"] == 3
+            assert echo_roundtrip(port, b"x") == b"x"
+        r = Ringd(tmp_path / "b", _conf(port, bport), workers=2, test_hooks=True,
+                  env={"RINGD_TEST_UPGRADE_FAIL_FILE": str(slow)})
+        with r:
+            upgrading = subprocess.Popen(RINGD + ["upgrade", "-c", str(r.conf)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            r.wait_event("upgrade_start")
+            r.signal(signal.SIGQUIT)
+            assert r.wait_exit(20) == 0
+            out, err = upgrading.communicate(timeout=30)
+            assert upgrading.returncode == 1 and "a stop was requested" in err, (out, err)
+            assert r.events("upgrade_exec") == []
 
 
 def test_new_workers_failing_keep_the_adopted_generation(tmp_path):
