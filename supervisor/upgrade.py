@@ -747,9 +747,12 @@ def check_main(config_path: str) -> int:
     except ImportError as e:
         print(f"cannot import ringd: {e}", file=sys.stderr)
         return 1
-    feat = native.probe()
-    if not feat["ok"]:
-        print(f"ringd._native cannot probe the kernel: {feat['error']}", file=sys.stderr)
+    # the probe sets up a small ring: a kernel or seccomp policy without
+    # io_uring shows here, before the exec
+    feat = native.ffi.new("struct ringd_features *")
+    ret = native.lib.ringd_probe(feat)
+    if ret < 0:
+        print(f"ringd._native cannot set up an io_uring: {os.strerror(-ret)}", file=sys.stderr)
         return 1
     try:
         config_mod.load(config_path)
@@ -770,6 +773,7 @@ def check_main(config_path: str) -> int:
             return 1
     print(json.dumps({"ok": True, "version": __version__, "package_version": PACKAGE_VERSION,
                       "abi": lib.RINGD_ABI_VERSION, "ctrl_version": lib.RINGD_CTRL_VERSION,
-                      "state_format": FORMAT, "liburing": feat["liburing"],
+                      "state_format": FORMAT,
+                      "liburing": f"{feat.liburing_major}.{feat.liburing_minor}",
                       "opaque": opaque}))
     return 0
