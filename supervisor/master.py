@@ -216,6 +216,11 @@ class Master:
                 self.sockets.close_all(forget=False)
                 return 1
             self._activate(gen)
+            # a socket passed in ($LISTEN_FDS) for a slot this generation
+            # neither has nor adopts (tcp_migrate_req=1): closed now, its
+            # queue moves to the port's other sockets; left open, the kernel
+            # would go on queueing connections there that nobody accepts
+            self.handover.retire()
             for c in self.components:
                 await c.start()
             self.log.info("ready", generation=gen.number, workers=len(gen.workers),

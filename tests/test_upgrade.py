@@ -229,13 +229,46 @@ os.execv(cmd[0], cmd)
 """
 
 
-@pytest.mark.parametrize("workers_after", [2, 1])
-def test_master_crash_with_fd_store_loses_no_client(tmp_path, workers_after):
+def test_master_crash_with_fd_store_loses_no_client(tmp_path):
     """SIGKILL the master; 50 clients connect while nothing runs; a new
     master started with the stored sockets in $LISTEN_FDS serves every one
-    (none refused or reset), also when it runs fewer workers than there are
-    stored slots. A stored socket no listener wants is closed and taken out
-    of the store."""
+    (none refused or reset). A stored socket no listener wants is closed and
+    taken out of the store."""
+    crash_and_restart(tmp_path, workers_after=2)
+
+
+def _netns_available() -> bool:
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _netns_available(),
+                    reason="needs root and unshare -n (a network namespace of our own)")
+@pytest.mark.parametrize("migrate", ["0", "1"], ids=["tcp_migrate_req=0", "tcp_migrate_req=1"])
+def test_master_crash_restarted_with_fewer_workers(tmp_path, migrate):
+    """The crash above, but the new master runs 1 worker where the dead one
+    ran 2: the socket of slot 1 comes back from the store with clients
+    queued on it. With tcp_migrate_req=0 the worker adopts it, with 1 it is
+    closed at once and the kernel moves its queue to slot 0's socket (left
+    open, new clients would keep landing on a socket nobody accepts from).
+    Every client is served either way. Runs in a network namespace of its
+    own (tests/netns_crash.py), where the sysctl can be set."""
+    from pathlib import Path
+    res = subprocess.run(["unshare", "-n", sys.executable,
+                          str(Path(__file__).parent / "netns_crash.py"), str(tmp_path), migrate],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "ok", res.stdout[-2000:]
+
+
+def crash_and_restart(tmp_path, workers_after: int, migrate: str | None = None) -> None:
+    """SIGKILL a 2-worker master whose sockets a stand-in for systemd
+    stores, connect 50 clients, start a master of `workers_after` workers
+    with the stored sockets in $LISTEN_FDS: every client is served. With
+    `migrate` (the namespace's tcp_migrate_req) it also checks what became
+    of the slots beyond `workers_after`."""
     bport, port, stray_port = free_ports(3)
     notify = NotifyStandIn(str(tmp_path / "notify.sock"))
     clients: list[socket.socket] = []
@@ -293,6 +326,20 @@ def test_master_crash_with_fd_store_loses_no_client(tmp_path, workers_after):
                 env = open(f"/proc/{wpid}/environ", "rb").read().split(b"\0")
                 assert not [e for e in env if e.startswith(b"LISTEN_")]
                 assert echo_roundtrip(port, b"after") == b"after"
+                if migrate == "1":      # the extra slots' sockets are closed, out of the store
+                    extra = [n for n in names[:2] if int(n.rsplit("/", 1)[1]) >= workers_after]
+                    wait_for(lambda: all(n in notify.removed for n in extra), 5,
+                             what="extra slots taken out of the store")
+                    assert r2.events("listeners_adopted") == []
+                    closed = [s for e in r2.events("listeners_closed") for s in e["sockets"]]
+                    assert all(f"127.0.0.1:{port}#{n.rsplit('/', 1)[1]}" in closed
+                               for n in extra), closed
+                elif migrate == "0" and workers_after < 2:     # adopted, still stored
+                    assert r2.events("listeners_adopted")
+                    assert not [n for n in names[:2] if n in notify.removed]
+                # new clients after the restart: none lands on a socket nobody accepts from
+                for i in range(20):
+                    assert echo_roundtrip(port, b"late %d" % i) == b"late %d" % i
                 r2.assert_no_traceback()
             finally:
                 r2.stop()
