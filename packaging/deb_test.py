@@ -25,7 +25,9 @@ asks for, on this machine, as root:
               zero failed connections, a long stream intact, the master pid
               unchanged, the master and the workers of the new generation
               run the new package version, RELOADING=1/READY=1 around it,
-              an edited conffile survives
+              an edited conffile survives; a reinstall while the file has a
+              key the new version rejects refuses the in-place upgrade, says
+              so, does not restart, and the running master serves on
   remove      dpkg -r keeps the conffile; dpkg -P removes it, the user, logs,
               and leaves nothing behind that no package owns
 
@@ -585,6 +587,44 @@ class Test:
                 f"run {want}; {load.ok} short connections and a {load.stream_bytes >> 20} MiB "
                 f"stream, none failed; edited conffile kept byte for byte")
 
+    def s_upgrade_refused(self):
+        """The postinst of a version that rejects the configuration (here: a
+        reinstall with a key no version knows added to the file) refuses the
+        in-place upgrade, does not restart, and the running master serves on."""
+        with open(CONFFILE, "rb") as f:
+            original = f.read()
+        p = self.start_master("v2-refused")
+        self.wait_notify("READY=1")
+        before = self.status_json()
+        try:
+            with open(CONFFILE, "ab") as f:
+                f.write(b"\n[ringd.bogus]\n")
+            d = os.path.dirname(self.upgrade_deb)
+            r = self.run(["apt-get", "install", "-y", "-q", "--reinstall",
+                          "--no-install-recommends", "./" + os.path.basename(self.upgrade_deb)],
+                         cwd=d, env=self.apt_env(), timeout=900)
+        finally:
+            with open(CONFFILE, "wb") as f:
+                f.write(original)
+        out = r.stdout + r.stderr
+        for want in ("upgrade refused", "ringd.bogus", "keeps its old version"):
+            if want not in out:
+                raise Failed(f"the postinst did not say {want!r}:\n" + _indent(out[-2000:]))
+        after = self.status_json()
+        if after["pid"] != p.pid or p.poll() is not None:
+            raise Failed(f"master pid {after['pid']} after the refused upgrade, was {p.pid}")
+        if after["exec_started"] != before["exec_started"] or after["upgrades"] != 0:
+            raise Failed("the master re-executed although the upgrade was refused")
+        if {w["pid"] for w in after["workers"]} != {w["pid"] for w in before["workers"]}:
+            raise Failed("workers changed although the upgrade was refused")
+        self.traffic()
+        self.master.send_signal(signal.SIGQUIT)
+        if self.master.wait(60) != 0:
+            raise Failed("the master did not exit 0 after SIGQUIT")
+        shutil.rmtree("/run/ringd", ignore_errors=True)
+        line = next(ln for ln in out.splitlines() if "keeps its old version" in ln)
+        return f"master pid {p.pid} kept, same workers, no restart; postinst: {line[:160]}"
+
     def s_remove(self):
         r = self.run(["dpkg", "--remove", "ringd"], env=self.apt_env())
         _no_complaints("dpkg --remove", r)
@@ -670,6 +710,8 @@ class Test:
                 ("ExecReload rejects a broken file", self.s_exec_reload_rejected),
                 ("graceful stop (KillSignal)", self.s_stop),
                 ("upgrade in place under load (postinst: ringd upgrade)", self.s_upgrade),
+                ("a rejected file refuses the in-place upgrade, no restart",
+                 self.s_upgrade_refused),
                 ("dpkg -r", self.s_remove),
                 ("dpkg -P", self.s_purge),
                 ("no leftovers", self.s_leftovers),
