@@ -607,7 +607,7 @@ class Test:
             with open(CONFFILE, "wb") as f:
                 f.write(original)
         out = r.stdout + r.stderr
-        for want in ("upgrade refused", "ringd.bogus", "keeps its old version"):
+        for want in ("upgrade refused", "ringd.bogus", "the new version rejects"):
             if want not in out:
                 raise Failed(f"the postinst did not say {want!r}:\n" + _indent(out[-2000:]))
         after = self.status_json()
@@ -622,7 +622,7 @@ class Test:
         if self.master.wait(60) != 0:
             raise Failed("the master did not exit 0 after SIGQUIT")
         shutil.rmtree("/run/ringd", ignore_errors=True)
-        line = next(ln for ln in out.splitlines() if "keeps its old version" in ln)
+        line = next(ln for ln in out.splitlines() if "the new version rejects" in ln)
         return f"master pid {p.pid} kept, same workers, no restart; postinst: {line[:160]}"
 
     def s_remove(self):
