@@ -33,6 +33,42 @@ def _conf(port: int, bport: int, sqpoll: str = "false", admin: int | None = None
     return text + listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"])
 
 
+class _Stamped(list):
+    """ShortClients.failures that say when each happened."""
+
+    def append(self, item) -> None:
+        super().append(f"{item} (at {time.time():.3f})")
+
+
+def _load(port: int, n: int) -> ShortClients:
+    sc = ShortClients(port, n)
+    sc.failures = _Stamped()
+    return sc
+
+
+def _explain(r: Ringd, failures: list[str]) -> str:
+    """The first failures, and what ringd logged from 12 s (a client's
+    timeout and then some) before the first of them to the last."""
+    import datetime
+    import re
+    times = [float(m.group(1)) for f in failures for m in [re.search(r"\(at ([0-9.]+)\)$", f)]
+             if m]
+    if not times:
+        return repr(failures[:5])
+    lo, hi = min(times) - 12, max(times) + 1
+    lines = []
+    for e in r.log_lines():
+        try:
+            t = datetime.datetime.fromisoformat(e["timestamp"].rstrip("Z")).replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+        except (KeyError, ValueError):
+            continue
+        if lo <= t <= hi:
+            lines.append(f"{t:.3f} {e.get('event')} " + " ".join(
+                f"{k}={v}" for k, v in e.items() if k not in ("event", "timestamp", "level")))
+    return f"{len(failures)} failures: {failures[:5]}\n" + "\n".join(lines[-150:])
+
+
 def _upgrade(r: Ringd, timeout: float = 90) -> subprocess.CompletedProcess:
     return r.cli("upgrade", "-c", str(r.conf), timeout=timeout)
 
@@ -110,7 +146,7 @@ def test_upgrade_under_load_drops_nothing(tmp_path, mode):
         with Ringd(tmp_path, conf, workers=2, extra_ringd='drain_timeout = "60s"\n') as r:
             before = r.status()
             old_pids = set(r.worker_pids())
-            with ShortClients(port, 4) as sc:
+            with _load(port, 4) as sc:
                 sc.wait_ok(8)
                 stream = SlowStream(port)
                 wait_for(lambda: stream.ngot > 100000, 10, what="stream flowing")
@@ -124,7 +160,7 @@ def test_upgrade_under_load_drops_nothing(tmp_path, mode):
                 wait_for(lambda: stream.ngot > got_before_end + 100000, 10,
                          what="the stream flows on after the upgrade")
                 stream.finish()
-            assert sc.failures == [], sc.failures[:5]
+            assert sc.failures == [], _explain(r, sc.failures)
             assert after["pid"] == before["pid"] == r.pid and r.proc.poll() is None
             assert after["exec_started"] > before["exec_started"]
             assert after["upgrades"] == 1 and after["upgrade"]["state"] == "ok"
@@ -391,7 +427,7 @@ def test_broken_new_program_is_refused_and_old_master_serves(tmp_path):
                    env={"RINGD_TEST_UPGRADE_FAIL_FILE": str(hook)}) as r:
             before = r.status()
             pids = sorted(r.worker_pids())
-            with ShortClients(port, 2) as sc:
+            with _load(port, 2) as sc:
                 sc.wait_ok(4)
                 r.write_config(good + "\n[ringd.bogus]\n")
                 res = _upgrade(r)
@@ -405,7 +441,7 @@ def test_broken_new_program_is_refused_and_old_master_serves(tmp_path):
                 r.signal(signal.SIGUSR2)            # the same check, nobody to tell
                 r.wait_event("upgrade_refused", count=3)
                 sc.wait_ok(10)
-            assert sc.failures == [], sc.failures[:5]
+            assert sc.failures == [], _explain(r, sc.failures)
             after = r.status()
             assert after["pid"] == before["pid"] and after["exec_started"] == before["exec_started"]
             assert after["upgrades"] == 0 and after["upgrade"]["state"] == "refused"
@@ -463,14 +499,14 @@ def test_new_workers_failing_keep_the_adopted_generation(tmp_path):
                    env={"RINGD_TEST_CRASH_FILE": str(crash)}) as r:
             before = r.status()
             pids = sorted(r.worker_pids())
-            with ShortClients(port, 2) as sc:
+            with _load(port, 2) as sc:
                 sc.wait_ok(4)
                 crash.write_text("")
                 res = _upgrade(r)
                 assert res.returncode == 1
                 assert "upgrade failed" in res.stderr, res.stderr
                 sc.wait_ok(10)
-            assert sc.failures == [], sc.failures[:5]
+            assert sc.failures == [], _explain(r, sc.failures)
             st = r.status()
             assert st["pid"] == before["pid"] and st["exec_started"] > before["exec_started"]
             assert st["upgrade_error"] and st["upgrade"]["state"] == "failed"
@@ -520,17 +556,18 @@ def gens_of(r: Ringd) -> list[int]:
 
 # --------------------------------------------------------------------------- (d)
 
-def test_twenty_upgrades_and_reloads_interleaved(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_twenty_upgrades_and_reloads_interleaved(tmp_path, mode):
     """10 upgrades and 10 reloads, alternating, under load: no failure, the
     master's fd count back where it started, every worker ever seen either a
     child of the master or gone."""
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
-        with Ringd(tmp_path, _conf(port, bport), workers=2) as r:
+        with Ringd(tmp_path, _conf(port, bport, MODES[mode]), workers=2) as r:
             master = r.pid
             start_fds = fd_count(master)
             seen: set[int] = set(r.worker_pids())
-            with ShortClients(port, 4) as sc:
+            with _load(port, 4) as sc:
                 sc.wait_ok(8)
                 for i in range(20):
                     if i % 2 == 0:
@@ -540,7 +577,7 @@ def test_twenty_upgrades_and_reloads_interleaved(tmp_path):
                     assert res.returncode == 0, (i, res.stdout, res.stderr)
                     seen |= {w["pid"] for w in r.status()["workers"] if w["pid"]}
                 sc.wait_ok(20)
-            assert sc.failures == [], sc.failures[:5]
+            assert sc.failures == [], _explain(r, sc.failures)
             assert sc.ok > 100, sc.ok
             st = r.status()
             assert st["pid"] == master and st["upgrades"] == 10 and st["reloads_ok"] == 10
