@@ -137,8 +137,10 @@ class Master:
     async def _run(self) -> int:
         resume = self.resume
         if resume is not None:
-            # ringd upgrade: the sockets of the image before this one, no bind
+            # ringd upgrade: the sockets of the image before this one, no
+            # bind; the per-source table too (else a new one below)
             resume.adopt_sockets(self)
+            resume.adopt_source_table(self)
         else:
             passed = fdstore.listen_fds()      # systemd's fd store, after a crash
             if passed:

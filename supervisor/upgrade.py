@@ -29,7 +29,8 @@ with its key, the control socket, the admin socket, the pidfile lock, each
 live generation (its number, state, config text, shared-memory memfd, and
 per worker pid, pidfd, control socket, slot, CPUs, state, times), the
 counters (next generation, reloads, restarts, upgrades, the metrics of
-retired generations), server records, the lame-duck state, and whatever
+retired generations), the per-source limit table (its memfd, and each
+worker's column), server records, the lame-duck state, and whatever
 else a component exports (Component.export_state: state and named fds, a
 generic way for a component with a shared-memory table of its own).
 
@@ -403,7 +404,8 @@ def export_state(m) -> tuple[dict, list[int]]:
                 "cpu": w.cpu, "sq_cpu": w.sq_cpu, "state": w.state, "started": w.started,
                 "ready_at": w.ready_at, "ring_mode": w.ring_mode, "hb_value": w.hb_value,
                 "hb_changed": w.hb_changed, "accept_stopped": w.accept_stopped,
-                "killed": w.killed, "fail_reason": w.fail_reason})
+                "killed": w.killed, "fail_reason": w.fail_reason,
+                "source_column": w.source_column})
         gens.append({
             "number": g.number, "state": g.state, "config": digest,
             "nworkers": len(g.workers),
@@ -443,6 +445,8 @@ def export_state(m) -> tuple[dict, list[int]]:
                    "active": m.active.number if m.active else None},
         "upgrades": m.upgrades.export(),
         "pidfile": {"path": m.pidfile.path, "fd": fd(m.pidfile.fd)},
+        # the per-source limit table (ringd.srclimit): one per master lifetime
+        "srclimit": _source_table(m, fd),
         "control": {"path": m.control.path, "fd": fd(m.control.fileno())},
         "listeners": listeners,
         "handover": {"activity": [[a[0], a[1], a[2], n, t]
@@ -453,6 +457,14 @@ def export_state(m) -> tuple[dict, list[int]]:
         "fds": named,
     }
     return doc, fds
+
+
+def _source_table(m, fd) -> dict | None:
+    if m.srclimit is None:
+        return None
+    n = m.srclimit.export_fd()
+    os.set_inheritable(n, False)        # only across the exec itself (Upgrades._exec)
+    return {"fd": fd(n), "version": lib.SRCLIMIT_VERSION}
 
 
 class ResumeError(Exception):
@@ -500,6 +512,7 @@ class Resume:
         self.control_path = str(doc.get("control", {}).get("path"))
         self.control_fd = doc.get("control", {}).get("fd")
         self.log_settings = tuple(doc.get("log") or ("auto", "info", None))
+        self.source_table_adopted = False
 
     @classmethod
     def from_fd(cls, fd: int) -> "Resume":
@@ -538,6 +551,33 @@ class Resume:
         now = time.monotonic()
         for fam, ip, port, n, t in self.doc.get("handover", {}).get("activity", []):
             m.handover._activity[(int(fam), str(ip), int(port))] = (int(n), min(float(t), now))
+
+    def adopt_source_table(self, m) -> None:
+        """The per-source limit table, with the columns of the workers that
+        live on. A table this code cannot read (another layout) is left to
+        the adopted workers, which keep counting in their mapping of it, and
+        the new generation starts a table of its own (master start)."""
+        self.source_table_adopted = False
+        sdoc = self.doc.get("srclimit") or {}
+        if sdoc.get("fd") is None:
+            return
+        from .srclimit import SourceTable, SourceTableError
+        held = {int(w["source_column"]): int(w["pid"])
+                for g in self.doc.get("generations", []) for w in g.get("workers", [])
+                if w.get("source_column") is not None}
+        fd = int(sdoc["fd"])
+        try:
+            m.srclimit = SourceTable.adopt(fd, held)
+            self.source_table_adopted = True
+        except SourceTableError as e:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            m.log.warning("source_table_not_adopted", reason=str(e),
+                          hint="the adopted workers keep counting in the old table and the "
+                               "new ones in a new table until the old generation has drained: "
+                               "per-source limits apply to each half apart meanwhile")
 
     def import_components(self, m) -> None:
         fds: dict[str, dict[str, int]] = {}
@@ -676,6 +716,11 @@ class Resume:
         w.accept_stopped = bool(wdoc.get("accept_stopped", False))
         w.killed = str(wdoc.get("killed", ""))
         w.fail_reason = str(wdoc.get("fail_reason", ""))
+        col = wdoc.get("source_column")
+        # a column of the table this image adopted; of another table (not
+        # adopted) it is none of ours: the worker keeps counting there
+        if col is not None and m.srclimit is not None and self.source_table_adopted:
+            w.source_column = int(col)
         gen.workers[slot] = w
         m.loop.add_reader(pidfd, m._on_worker_exit, w)
         m.loop.add_reader(ctrl_fd, m._on_worker_event, w)

@@ -550,6 +550,83 @@ def test_generation_of_another_memory_layout_is_drained_opaque(tmp_path):
             r.assert_no_traceback()
 
 
+def test_source_table_is_handed_over(tmp_path):
+    """The per-source limit table belongs to the master, so it crosses the
+    exec: the same memory after the upgrade, the counts of an old worker
+    held in its column while it drains, cleared once it is reaped, the new
+    workers in columns of their own. (Counts are made through the table
+    itself, as test_srclimit does, in the column of the old worker that
+    holds an open connection, so that it lives on.)"""
+    from ringd._native import ffi, lib
+    from ringd.srclimit import listener_key, source_address
+    from test_srclimit import _map_master_table
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        with Ringd(tmp_path, _conf(port, bport), workers=2,
+                   extra_ringd='source_table_size = 2048\ndrain_timeout = "60s"\n') as r:
+            held_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held_conn.sendall(b"hold\n")
+            assert held_conn.recv(16) == b"hold\n"
+            st = r.status()
+            busy = [w for w in st["workers"] if w["active"] == 1]
+            assert len(busy) == 1, st["workers"]
+            col, pid = busy[0]["source_column"], busy[0]["pid"]
+            mm, ptr = _map_master_table(r.pid)
+            try:
+                lk, a = listener_key("web"), source_address("10.0.0.9")
+                ref = ffi.new("uint32_t *")
+                for _ in range(3):      # as if that worker had 3 connections from 10.0.0.9
+                    assert lib.srclimit_acquire(ptr, col, lk, a, 3, 0, 0, 1, ref) == \
+                        lib.SRCLIMIT_OK
+                spare = st["source_table"]["columns"] - 1
+                table_fds = _table_fds(r.pid)
+                res = _upgrade(r)
+                assert res.returncode == 0, res.stderr
+                assert r.events("source_table_not_adopted") == []
+                after = r.status()
+                assert after["source_table"]["size"] == 2048
+                old = [w for w in after["workers"] if w["generation"] == 1 and w["pid"]]
+                assert [(w["pid"], w["source_column"]) for w in old] == [(pid, col)]
+                new_cols = {w["source_column"] for w in after["workers"]
+                            if w["generation"] == 2}
+                assert len(new_cols) == 2 and None not in new_cols and col not in new_cols
+                # the same memory, as this mapping and a fresh one show: the counts are there
+                assert lib.srclimit_acquire(ptr, spare, lk, a, 3, 0, 0, 1, ref) == \
+                    lib.SRCLIMIT_OVER_OPEN
+                m2, p2 = _map_master_table(r.pid)
+                try:
+                    assert lib.srclimit_acquire(p2, spare, lk, a, 3, 0, 0, 1, ref) == \
+                        lib.SRCLIMIT_OVER_OPEN
+                finally:
+                    del p2
+                    m2.close()
+                # the connection ends, the old worker is reaped, its column cleared
+                held_conn.close()
+                wait_for(lambda: gens_of(r) == [2], 20, what="generation 1 reaped")
+                assert lib.srclimit_acquire(ptr, spare, lk, a, 3, 0, 0, 1, ref) == \
+                    lib.SRCLIMIT_OK
+                lib.srclimit_release(ptr, spare, ref[0])
+                assert r.status()["source_table"]["columns_in_use"] == 2
+                assert _table_fds(r.pid) == table_fds       # none leaked, none new
+            finally:
+                held_conn.close()
+                del ptr
+                mm.close()
+            r.assert_no_traceback()
+
+
+def _table_fds(pid: int) -> int:
+    """Descriptors of the master on a source-table memfd (its own and the
+    one Python's mmap keeps)."""
+    n = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:ringd-source-table")
+        except OSError:
+            pass
+    return n
+
+
 def gens_of(r: Ringd) -> list[int]:
     return [g["generation"] for g in r.status()["generations"]]
 
