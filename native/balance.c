@@ -251,9 +251,9 @@ static int pick_pass(struct worker *w, struct conn *c, const struct ringd_upstre
 
 int balance_pick(struct worker *w, struct conn *c)
 {
-    const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
-    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
-    struct upstream_rt *u = &w->us[lc->upstream];
+    /* the listener's upstream, or the one a route chose (preconnect.c) */
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[c->upstream];
+    struct upstream_rt *u = &w->us[c->upstream];
 
     int s = pick_pass(w, c, up, u, false);
     if (s >= 0)

@@ -1,10 +1,11 @@
 /*
  * conn.c: the life of a connection, from accept to free.
  *
- *   accept -> ACCEPTED -> CONNECTING -(proxy_protocol)-> HEADER -> FORWARDING -> CLOSING -> free
+ *   accept -> ACCEPTED -> CONNECTING -(proxy_protocol, first bytes)-> HEADER -> FORWARDING -> CLOSING -> free
  *                |            |  refused / timed out: next server (connect_retries)
  *                |            '- no server left: close the client at once
- *                '- the steps before connecting (conn_preconnect)
+ *                '- the steps before connecting (preconnect.c): a refusal
+ *                   closes the client at once
  *
  * FORWARDING is forward.c: two independent directions (client->server,
  * server->client), each copying or splicing. The connection ends when both
@@ -24,6 +25,8 @@
 
 static void conn_connect(struct worker *w, struct conn *c);
 static void conn_preconnect(struct worker *w, struct conn *c);
+static void pre_verdict(struct worker *w, struct conn *c, int verdict);
+static void send_first(struct worker *w, struct conn *c);
 static void conn_maybe_free(struct worker *w, struct conn *c);
 
 /* An integer socket option the config sets; 0 = not set, the kernel's own.
@@ -71,6 +74,8 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     c->cfd = cfd;
     c->sfd = -1;
     c->server = -1;
+    c->upstream = lc->upstream;
+    c->src_ref = UINT32_MAX;
     for (unsigned i = 0; i < 2; i++) {
         c->d[i].pipe.rfd = c->d[i].pipe.wfd = -1;
         c->d[i].mode = w->cfg->splice_threshold == 0 ? DM_SPLICE : DM_COPY;
@@ -80,8 +85,11 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     set_opt(cfd, SOL_SOCKET, SO_RCVBUF, lc->rcvbuf);
     set_opt(cfd, SOL_SOCKET, SO_SNDBUF, lc->sndbuf);
 
-    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
-    if (lc->access_log || up->proxy_protocol || up->balance == RINGD_BAL_HASH) {
+    /* the client's address, where something reads it; a listener with an
+     * edge policy always does (a route may pick any upstream) */
+    const struct ringd_upstream_cfg *up =
+        lc->upstream == RINGD_NO_UPSTREAM ? NULL : &w->cfg->upstreams[lc->upstream];
+    if (lc->access_log || lc->edge || up->proxy_protocol || up->balance == RINGD_BAL_HASH) {
         socklen_t len = sizeof(c->client);
         if (getpeername(cfd, (struct sockaddr *)c->client, &len) == 0)
             c->client_len = len;
@@ -105,11 +113,21 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
  * one ends the connection (conn_close), or keeps it in CS_ACCEPTED while
  * ops of its own are in flight (conn_on_cqe hands their completions back
  * to it; conn_close must cancel them), or passes it to the next step. The
- * last step calls conn_connect. There is no step yet.
+ * last step calls conn_connect. The steps are preconnect.c's: they answer
+ * with a verdict, acted on here.
  */
 static void conn_preconnect(struct worker *w, struct conn *c)
 {
-    conn_connect(w, c);
+    pre_verdict(w, c, pre_begin(w, c));
+}
+
+static void pre_verdict(struct worker *w, struct conn *c, int verdict)
+{
+    if (verdict == PRE_CONNECT)
+        conn_connect(w, c);
+    else if (verdict < 0)
+        conn_close(w, c, -verdict, c->err);
+    /* PRE_WAIT: its ops are in flight */
 }
 
 /* ------------------------------------------------------------ connect */
@@ -127,8 +145,7 @@ static void srv_count(struct worker *w, struct conn *c, bool on)
 
 static void conn_connect(struct worker *w, struct conn *c)
 {
-    const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
-    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[c->upstream];
     struct ringd_listener_stats *st = conn_lstats(w, c);
 
     int idx = -1;
@@ -157,7 +174,7 @@ static void conn_connect(struct worker *w, struct conn *c)
     }
     if (idx < 0) {
         st->no_server++;
-        event_no_server(w, c->err, c->listener, lc->upstream);
+        event_no_server(w, c->err, c->listener, c->upstream);
         conn_close(w, c, RINGD_END_CONNECT, c->err ? c->err : EHOSTUNREACH);
         return;
     }
@@ -192,26 +209,50 @@ static void conn_connect(struct worker *w, struct conn *c)
     c->inflight += 2;
 }
 
+/* An IPv4 address as a v4-mapped IPv6 one (::ffff:a.b.c.d), same port. */
+static void map_v6(const struct sockaddr *sa, struct sockaddr_in6 *out)
+{
+    const struct sockaddr_in *in = (const void *)sa;
+    memset(out, 0, sizeof(*out));
+    out->sin6_family = AF_INET6;
+    out->sin6_port = in->sin_port;
+    out->sin6_addr.s6_addr[10] = out->sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&out->sin6_addr.s6_addr[12], &in->sin_addr, 4);
+}
+
 /* The PROXY protocol header for the server (proxy_send.c), from the client's
- * address and the address it connected to; one we could not read goes as
- * UNKNOWN (v1) or LOCAL (v2). */
+ * address and the address it connected to (both from the PROXY header the
+ * client's balancer sent, if it did); one we could not read goes as
+ * UNKNOWN (v1) or LOCAL (v2). Mixed families (an IPv6 client through an
+ * IPv4 listener) go as IPv6, the IPv4 address v4-mapped, as HAProxy does. */
 static void proxy_header(struct conn *c, unsigned version)
 {
     struct sockaddr_storage local;
+    struct sockaddr_in6 m6;
     socklen_t llen = sizeof(local);
     const struct sockaddr *src = c->client_len > 0 ? (const struct sockaddr *)c->client : NULL;
     const struct sockaddr *dst = NULL;
 
-    if (src && getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0)
+    if (src && c->pre && c->pre->dst_len > 0)
+        dst = (const struct sockaddr *)c->pre->dst;
+    else if (src && getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0)
         dst = (const struct sockaddr *)&local;
+    if (src && dst && src->sa_family != dst->sa_family) {
+        if (src->sa_family == AF_INET6 && dst->sa_family == AF_INET) {
+            map_v6(dst, &m6);
+            dst = (const struct sockaddr *)&m6;
+        } else if (src->sa_family == AF_INET && dst->sa_family == AF_INET6) {
+            map_v6(src, &m6);
+            src = (const struct sockaddr *)&m6;
+        }
+    }
     c->hdr_len = proxy_send_build(version, src, dst, c->hdr);
     c->hdr_off = 0;
 }
 
 static void on_connect(struct worker *w, struct conn *c, int res)
 {
-    const struct ringd_listener_cfg *lc = &w->cfg->listeners[c->listener];
-    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[lc->upstream];
+    const struct ringd_upstream_cfg *up = &w->cfg->upstreams[c->upstream];
     struct ringd_listener_stats *st = conn_lstats(w, c);
 
     if (c->state == CS_CLOSING)
@@ -235,7 +276,7 @@ static void on_connect(struct worker *w, struct conn *c, int res)
             io_uring_sqe_set_data64(sqe, conn_ud(w, c, OP_HDR_SEND, 0));
             c->inflight++;
         } else {
-            forward_start(w, c);
+            send_first(w, c);
         }
         return;
     }
@@ -273,7 +314,42 @@ static void on_hdr_send(struct worker *w, struct conn *c, int res)
         c->inflight++;
         return;
     }
-    forward_start(w, c);
+    send_first(w, c);
+}
+
+/* The bytes the steps before connecting read from the client go to the
+ * server first (after the PROXY header we send, if any); then forwarding. */
+static void send_first(struct worker *w, struct conn *c)
+{
+    struct prelude *p = c->pre;
+
+    if (!p || p->off >= p->len) {
+        pre_release(w, c);
+        forward_start(w, c);
+        return;
+    }
+    c->state = CS_HEADER;
+    struct io_uring_sqe *sqe = get_sqe(w);
+    io_uring_prep_send(sqe, c->sfd, p->buf + p->off, p->len - p->off, MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, conn_ud(w, c, OP_PRE_SEND, 0));
+    c->inflight++;
+}
+
+static void on_pre_send(struct worker *w, struct conn *c, int res)
+{
+    if (c->state == CS_CLOSING)
+        return;
+    if (res < 0) {
+        conn_close(w, c, RINGD_END_RESET, -res);
+        return;
+    }
+    struct ringd_listener_stats *st = conn_lstats(w, c);
+    c->pre->off += (uint32_t)res;
+    c->d[0].bytes += (uint64_t)res;
+    st->bytes_c2s += (uint64_t)res;
+    st->copied_bytes += (uint64_t)res;
+    __atomic_fetch_add(&w->cfg->srv[c->server].bytes_to, (uint64_t)res, __ATOMIC_RELAXED);
+    send_first(w, c);
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -300,6 +376,14 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
         break;
     case OP_HDR_SEND:
         on_hdr_send(w, c, cqe->res);
+        break;
+    case OP_PRE_RECV:
+    case OP_PRE_TIMEOUT:
+        if (c->state == CS_ACCEPTED)
+            pre_verdict(w, c, pre_on_cqe(w, c, cqe));
+        break;
+    case OP_PRE_SEND:
+        on_pre_send(w, c, cqe->res);
         break;
     case OP_POLL_IN:
     case OP_POLL_OUT:
@@ -373,12 +457,13 @@ void conn_close(struct worker *w, struct conn *c, int reason, int err)
     }
     switch (was) {
     case CS_ACCEPTED:
-        break;      /* (no step before connecting has ops of its own yet) */
+        pre_cancel(w, c);
+        break;
     case CS_CONNECTING:
         sqe_cancel(w, conn_ud(w, c, OP_CONNECT, 0));    /* its linked timeout goes with it */
         break;
     case CS_HEADER:
-        sqe_cancel(w, conn_ud(w, c, OP_HDR_SEND, 0));
+        sqe_cancel(w, conn_ud(w, c, c->hdr_off < c->hdr_len ? OP_HDR_SEND : OP_PRE_SEND, 0));
         break;
     case CS_FORWARDING:
         forward_cancel(w, c);
@@ -438,6 +523,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
 
     struct ringd_listener_stats *st = conn_lstats(w, c);
     forward_release(w, c);
+    pre_release(w, c);
     /* closed through the ring: batched with the next submission, no
      * syscall of its own */
     sqe_close(w, c->cfd);

@@ -9,6 +9,7 @@
  */
 #include "ringd.h"
 
+#include <string.h>
 #include <sys/socket.h>
 
 #define EVENT_EVERY_MS 1000     /* a rate-limited event: at most this often */
@@ -58,7 +59,35 @@ void event_connect_fail(struct worker *w, int server, int err)
     connect_fail_flush(w);
 }
 
+static void proxy_bad_flush(struct worker *w)
+{
+    if (w->pbad_pending && w->now_ms - w->pbad_last_ms >= EVENT_EVERY_MS) {
+        struct ringd_event ev = { .type = RINGD_EV_PROXY_BAD, .a = w->pbad_listener,
+                                  .b = w->pbad_error, .c = w->pbad_pending,
+                                  .peer_len = w->pbad_peer_len };
+        memcpy(ev.peer, w->pbad_peer, sizeof(ev.peer));
+        if (w->ctrl_fd >= 0)
+            (void)send(w->ctrl_fd, &ev, sizeof(ev), MSG_DONTWAIT | MSG_NOSIGNAL);
+        w->pbad_pending = 0;
+        w->pbad_last_ms = w->now_ms;
+    }
+}
+
+/* A client's PROXY header was missing, malformed, late or untrusted (the
+ * event names the last one's peer, with the count since the last event). */
+void event_proxy_bad(struct worker *w, uint32_t li, uint32_t error, const uint8_t *peer,
+                     uint32_t peer_len)
+{
+    w->pbad_pending++;
+    w->pbad_listener = li;
+    w->pbad_error = error;
+    w->pbad_peer_len = peer_len <= RINGD_ADDR_MAX ? peer_len : 0;
+    memcpy(w->pbad_peer, peer, w->pbad_peer_len);
+    proxy_bad_flush(w);
+}
+
 void events_tick(struct worker *w)
 {
     connect_fail_flush(w);
+    proxy_bad_flush(w);
 }

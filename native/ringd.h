@@ -15,6 +15,11 @@
  *   conn.c        a connection's life: accept -> the steps before connecting
  *                 -> connect (retries) -> PROXY header -> forwarding ->
  *                 closing -> free, and its access-log record
+ *   preconnect.c  the steps before connecting: PROXY header received,
+ *                 allow/deny, per-source limits, the SNI peek and route;
+ *                 it returns verdicts, conn.c acts on them
+ *   policy.c      the lookups of the compiled policy: address ranges,
+ *                 route names (a leaf)
  *   balance.c     which server; passive health
  *   forward.c     the two directions of a forwarding connection: copy and
  *                 splice pumps, FIN forwarding
@@ -29,9 +34,10 @@
  *   tls_hello.c   the TLS ClientHello parser (a leaf)
  *   srclimit.c    the per-source limit table in shared memory, all workers
  *                 of the host (a leaf)
+ * (preconnect.c calls policy.c, srclimit.c, tls_hello.c, proxy_recv.c and events.c.)
  *
  * Which way calls go: a file calls only the files to its right in
- *   worker -> control, listener -> conn -> balance, proxy_send, forward
+ *   worker -> control, listener -> conn -> preconnect, balance, proxy_send, forward
  *          -> idle, writable, bufring, pipes -> events, ring
  * (writable.c and bufring.c hand the waits that are over back to the loop,
  * which calls forward.c). Two calls go up, each an end or an admission
@@ -80,6 +86,9 @@ enum op {
     OP_CANCEL,          /* a cancel request's own completion */
     OP_NOP,
     OP_EPOLL,           /* the worker's epoll set is ready (writable.c) */
+    OP_PRE_RECV,        /* preconnect.c: the client's first bytes (PROXY header, ClientHello) */
+    OP_PRE_TIMEOUT,     /* linked timeout of OP_PRE_RECV (peek_timeout) */
+    OP_PRE_SEND,        /* those bytes, to the server, before forwarding starts */
 };
 
 /* bits 56..63 op, bit 55 direction, bits 32..54 slot generation, 0..31 slot */
@@ -168,6 +177,26 @@ struct conn {
     uint32_t client_len;
     uint8_t hdr[PROXY_SEND_MAX];   /* PROXY header being sent (proxy_send.c) */
     uint16_t hdr_len, hdr_off;
+    /* preconnect.c: the steps before connecting and what they decided */
+    uint32_t upstream;      /* the listener's upstream, or the one its route chose */
+    uint8_t pre_step;       /* enum pre_step */
+    struct prelude *pre;    /* the client's first bytes, held for the server; NULL: none */
+    uint32_t src_ref;       /* per-source limit table ref; UINT32_MAX: none */
+};
+
+/* preconnect.c: bytes read from the client before connecting (a PROXY
+ * header is dropped from the front; what follows goes to the server first,
+ * byte for byte). At most a PROXY v2 header and 16 KiB of ClientHello. */
+#define PRE_BUF_MAX (RINGD_PROXY_V2_MAX + RINGD_TLS_MAX_EXAMINED)
+enum pre_step { PRE_NONE = 0, PRE_PROXY, PRE_PEEK };
+struct prelude {
+    uint32_t len;           /* bytes held */
+    uint32_t off;           /* of those, bytes sent to the server */
+    uint64_t deadline_ms;   /* accept + peek_timeout */
+    struct __kernel_timespec ts;   /* the linked timeout of the recv in flight */
+    uint8_t dst[RINGD_ADDR_MAX];   /* the address the client connected to, from its */
+    uint32_t dst_len;              /* PROXY header (0: none, use the socket's) */
+    uint8_t buf[PRE_BUF_MAX];
 };
 
 /* ------------------------------------------------------------ worker */
@@ -296,6 +325,13 @@ struct worker {
     uint64_t cfail_last_ms;
     int cfail_last_err;
     uint32_t cfail_last_server;
+
+    /* events.c: the rate limited bad-PROXY-header event (the last one's details) */
+    uint64_t pbad_pending;
+    uint64_t pbad_last_ms;
+    uint32_t pbad_listener, pbad_error;
+    uint8_t pbad_peer[RINGD_ADDR_MAX];
+    uint32_t pbad_peer_len;
 };
 
 /* ------------------------------------------------------------ the files
@@ -338,6 +374,15 @@ static inline struct ringd_listener_stats *conn_lstats(struct worker *w, struct 
 {
     return &w->cfg->lstats[c->listener];
 }
+
+/* preconnect.c: the verdicts of the steps before connecting; a negative
+ * one is -RINGD_END_* (close with that reason, c->err set if any) */
+#define PRE_CONNECT 0       /* connect to c->upstream */
+#define PRE_WAIT 1          /* ops in flight: their completions go to pre_on_cqe */
+int pre_begin(struct worker *w, struct conn *c);
+int pre_on_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe);
+void pre_cancel(struct worker *w, struct conn *c);
+void pre_release(struct worker *w, struct conn *c);
 
 /* balance.c */
 int balance_init(struct worker *w);
@@ -399,6 +444,8 @@ void buf_pool_drain(struct worker *w);
 void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32_t b, uint64_t c);
 void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream);
 void event_connect_fail(struct worker *w, int server, int err);
+void event_proxy_bad(struct worker *w, uint32_t li, uint32_t error, const uint8_t *peer,
+                     uint32_t peer_len);
 void events_tick(struct worker *w);
 
 /* ring.c */

@@ -76,7 +76,14 @@
 #define RINGD_END_DRAIN 3      /* still open at the drain deadline, or stop */
 #define RINGD_END_CONNECT 4    /* no upstream server could be reached */
 #define RINGD_END_RESOURCE 5   /* out of fds, memory or pipes */
-#define RINGD_END_NREASONS 6
+/* refusals before any connect (preconnect.c): the client is reset */
+#define RINGD_END_DENIED 6     /* allow/deny refused the client's address */
+#define RINGD_END_PROXY_HEADER 7   /* PROXY header missing, malformed, late or from an untrusted peer */
+#define RINGD_END_SOURCE_LIMIT 8   /* max_connections_per_source reached */
+#define RINGD_END_SOURCE_RATE 9    /* connection_rate_per_source exceeded */
+#define RINGD_END_NO_ROUTE 10  /* no route matched and the listener has no upstream */
+#define RINGD_END_PEEK_TIMEOUT 11  /* no decision within peek_timeout and no upstream */
+#define RINGD_END_NREASONS 12
 
 /* master -> worker commands (struct ringd_cmd over the control socketpair) */
 #define RINGD_CMD_DRAIN 1      /* arg: deadline in ms from now */
@@ -97,6 +104,8 @@
 #define RINGD_EV_ACCEPT_ERROR 11   /* a: listener, err: errno (not a pause) */
 #define RINGD_EV_ORPHANED 12       /* the master went away; draining */
 #define RINGD_EV_ACCEPT_STOPPED 13 /* draining: no accept armed any more, listener fds closed */
+#define RINGD_EV_PROXY_BAD 14      /* a: listener, b: RINGD_PROXY_E_* (0: untrusted, 100: timeout or EOF),
+                                      c: bad headers since the last event, peer: the last one's */
 
 struct ringd_cmd {
     uint32_t cmd;
@@ -109,6 +118,8 @@ struct ringd_event {
     uint32_t a;
     uint32_t b;
     uint64_t c;
+    uint8_t peer[28];          /* RINGD_EV_PROXY_BAD: sockaddr of the peer, else zero */
+    uint32_t peer_len;
 };
 
 /* --------------------------------------------------------------- shm */
@@ -121,6 +132,8 @@ struct ringd_shm_header {
     uint32_t nservers;
     uint32_t log_ring_records;
     uint64_t state_epoch;      /* bumped whenever a server's usability changes */
+    uint32_t nroutes;          /* SNI routes of all listeners: uint64_t counters per worker */
+    uint32_t reserved;
 };
 
 struct ringd_worker_shm {
@@ -151,7 +164,7 @@ struct ringd_worker_shm {
 struct ringd_listener_stats {
     uint64_t accepted;
     uint64_t active;
-    uint64_t closed[6];        /* RINGD_END_* */
+    uint64_t closed[12];       /* RINGD_END_* */
     uint64_t bytes_c2s;        /* client -> server */
     uint64_t bytes_s2c;        /* server -> client */
     uint64_t connect_errors;   /* failed connect attempts (each retry counts) */
@@ -162,7 +175,9 @@ struct ringd_listener_stats {
     uint64_t splice_bytes;
     uint64_t copied_bytes;
     uint64_t retries;          /* connects retried on another server */
-    uint64_t reserved[6];
+    uint64_t routed;           /* connections that matched a route (SNI) */
+    uint64_t peeks;            /* connections that waited for their first bytes */
+    uint64_t reserved[4];
 };
 
 struct ringd_server_shm {
@@ -210,6 +225,48 @@ struct ringd_log_ring {
 
 /* ------------------------------------------------------- worker config */
 
+/* Edge policy of a listener, compiled by the master (supervisor/edge.py).
+ *
+ * An address list (allow, deny, trusted_proxies) is a sorted array of
+ * disjoint, non-adjacent ranges of 128-bit addresses (IPv4 as ::ffff:a.b.c.d),
+ * found by binary search: O(log n) per connection, whatever the list's
+ * length. Words are in host order, [0] the high 64 bits. */
+struct ringd_addr_range {
+    uint64_t first[2];
+    uint64_t last[2];
+};
+
+struct ringd_addr_list {
+    const struct ringd_addr_range *ranges;
+    uint32_t n;
+    uint32_t reserved;
+};
+
+/* One server name of a route table: an open-addressing hash table with
+ * linear probing, keyed by (name, wildcard). "*.example.com" is stored as
+ * "example.com" with wildcard = 1. Lookup walks the labels of the name
+ * (the name itself as exact, then each suffix after a dot as wildcard):
+ * O(labels), not O(routes). */
+struct ringd_route_name {
+    uint64_t hash;             /* ringd_route_hash(name, wildcard); slot empty if len == 0 */
+    uint32_t off;              /* the name in ringd_route_table.names */
+    uint16_t len;
+    uint8_t wildcard;
+    uint8_t reserved;
+    uint32_t route;            /* index in the listener's routes (the first route wins) */
+    uint32_t reserved2;
+};
+
+struct ringd_route_table {
+    const struct ringd_route_name *slots;   /* [mask + 1] */
+    uint32_t mask;
+    uint32_t max_probe;        /* longest probe sequence any stored name needs */
+    const uint8_t *names;      /* the names, back to back, no NULs */
+    uint32_t nroutes;
+    uint32_t reserved;
+    const uint32_t *upstream;  /* [nroutes] upstream index of each route */
+};
+
 struct ringd_listener_cfg {
     int32_t fd;                /* this worker slot's own socket */
     uint32_t upstream;
@@ -220,7 +277,23 @@ struct ringd_listener_cfg {
     uint32_t backlog;          /* listen() backlog: bounds a multishot accept burst */
     uint32_t rcvbuf;           /* SO_RCVBUF of accepted sockets, 0 = kernel autotuning */
     uint32_t sndbuf;           /* SO_SNDBUF of accepted sockets, 0 = kernel autotuning */
+    /* edge policy (preconnect.c); all zero: none, connect at once */
+    uint32_t edge;             /* 1: any of the below is set */
+    uint32_t accept_proxy;     /* 1: a PROXY v1/v2 header is required first */
+    uint32_t peek_timeout_ms;  /* bound of the PROXY header and of the SNI peek */
+    uint32_t first_route;      /* this listener's routes in ringd_worker_cfg.route_conns */
+    struct ringd_addr_list trusted;   /* n = 0: any peer may send the header */
+    struct ringd_addr_list allow;     /* n = 0: everyone */
+    struct ringd_addr_list deny;
+    const struct ringd_route_table *routes;   /* NULL: no SNI routing */
+    uint32_t max_per_source;   /* open connections per source, all workers; 0 = no limit */
+    uint32_t rate_count;       /* new connections per source per rate_ms; 0 = no limit */
+    uint32_t rate_ms;
+    uint32_t source_prefix_v6; /* IPv6 sources are counted per this prefix */
+    uint64_t source_key;       /* per-source table key of this listener (hash of its name) */
 };
+
+#define RINGD_NO_UPSTREAM 0xffffffff   /* ringd_listener_cfg.upstream: routes only */
 
 /* Every socket the worker accepts on: its own slot's socket of each
  * listener, plus sockets of slots that no longer exist (fewer workers than
@@ -290,6 +363,9 @@ struct ringd_worker_cfg {
     void *srclimit;
     uint64_t srclimit_len;
     uint32_t srclimit_column;                 /* this process's column */
+    uint64_t *route_conns;                    /* [nroutes] of this worker: connections routed */
+    uint32_t nroutes;                         /* routes of all listeners */
+    uint32_t reserved_edge;
 };
 
 struct ringd_features {
@@ -536,3 +612,16 @@ uint32_t srclimit_open(const void *mem, uint32_t ref);
 
 /* Scan the table (no locks, a snapshot for status/metrics). */
 void srclimit_usage(const void *mem, uint64_t now_ms, struct ringd_srclimit_usage *out);
+/* ------------------------------------------------ edge policy lookups
+ * (policy.c; exported for the tests and the master, which builds the
+ * tables with the same hash) */
+
+/* FNV-1a 64 of the name, mixed with the wildcard flag. */
+uint64_t ringd_route_hash(const uint8_t *name, uint32_t len, uint32_t wildcard);
+
+/* The first route (lowest index) of the table that `name` (normalised:
+ * lower case, no trailing dot) matches, or -1. */
+int32_t ringd_route_lookup(const struct ringd_route_table *t, const uint8_t *name, uint32_t len);
+
+/* 1 if the sockaddr (AF_INET / AF_INET6) is in the list, else 0. */
+int ringd_addr_in(const struct ringd_addr_list *l, const uint8_t *sa, uint32_t salen);

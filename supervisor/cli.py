@@ -451,6 +451,13 @@ def cmd_status(args) -> int:
             for w in st["workers"]]
     print(_table(rows, ["WORKER", "PID", "CPU", "GEN", "STATE", "RING", "ACTIVE", "ACCEPTED",
                         "BYTES IN", "BYTES OUT"]))
+    if st.get("listeners"):
+        print()
+        rows = [[ls["listener"],
+                 ", ".join(f"{r} {n}" for r, n in ls["refused"].items() if n) or "-",
+                 ", ".join(f"{r} {n}" for r, n in ls["routes"].items()) or "-"]
+                for ls in st["listeners"]]
+        print(_table(rows, ["LISTENER", "REFUSED", "ROUTED"]))
     if st.get("servers"):
         print()
         rows = [[f"{s['upstream']}/{s['server']}", s["state"], s.get("admin"), s.get("weight"),

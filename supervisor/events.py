@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .native import RING_MODES, Event, lib, setup_failure
+from .native import PROXY_BAD, RING_MODES, Event, lib, setup_failure
 
 PAUSE_LOG_EVERY = 5.0       # seconds between two accept_paused lines of one listener and worker
 
@@ -108,6 +108,11 @@ EVENTS: dict[int, Entry] = {
         _setup_failed),
     lib.RINGD_EV_ACCEPT_ERROR: Entry(
         "accept_error", "error", lambda w, ev: {"listener": _listener(w, ev.a), "error": ev.error}),
+    # rate limited in the worker (one a second, with the count since the last)
+    lib.RINGD_EV_PROXY_BAD: Entry(
+        "proxy_header_refused", "debug",
+        lambda w, ev: {"listener": _listener(w, ev.a), "peer": ev.peer,
+                       "reason": PROXY_BAD.get(ev.b, str(ev.b)), "count": ev.c}),
     # sent when the worker finds the master gone: nobody is left to read it
     lib.RINGD_EV_ORPHANED: Entry(None, "", lambda w, ev: {}),
 }

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import PACKAGE_VERSION, __version__
+from . import edge
 from .config import Config
 from .listeners import keys_of
 from .native import SharedState, lib, server_table
@@ -48,7 +49,7 @@ class Generation:
         self.config = cfg
         self.servers = server_table(cfg)
         self.shm = shm or SharedState(number, cfg.ringd.workers, len(cfg.listeners),
-                                      len(self.servers))
+                                      len(self.servers), nroutes=edge.route_count(cfg))
         # the image that forked the workers (another one after ringd upgrade)
         self.version = __version__
         self.package_version = PACKAGE_VERSION

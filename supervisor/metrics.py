@@ -13,7 +13,7 @@ from collections import defaultdict
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from . import __version__
+from . import __version__, edge
 from .lameduck import STATES as LAMEDUCK_STATES
 from .native import END_REASONS, SERVER_STATES, probe
 
@@ -46,14 +46,17 @@ class Totals:
         self.listener: dict[tuple[str, int], dict] = defaultdict(_zero_listener)
         self.server: dict[tuple[str, str], dict] = defaultdict(
             lambda: {"connections": 0, "failures": 0, "bytes_to": 0, "bytes_from": 0})
+        self.route: dict[tuple[str, str], int] = defaultdict(int)
         self.access_dropped = 0
 
     def fold(self, gen) -> None:
+        labels = edge.route_labels(gen.config)
         for slot in range(gen.shm.nworkers):
             st = gen.shm.lstats(slot)
             for li, lst in enumerate(gen.config.listeners):
                 add_listener(self.listener[(lst.name, slot)], st[li])
             self.access_dropped += gen.shm.log_ring(slot).dropped
+            add_routes(self.route, gen, slot, labels)
         for ref in gen.servers:
             s = gen.shm.server(ref.index)
             t = self.server[(ref.upstream, ref.name)]
@@ -61,7 +64,6 @@ class Totals:
             t["failures"] += s.failures
             t["bytes_to"] += s.bytes_to
             t["bytes_from"] += s.bytes_from
-
 
     @classmethod
     def of(cls, gen) -> "Totals":
@@ -81,11 +83,14 @@ class Totals:
         for key, val in other.server.items():
             for k, v in val.items():
                 self.server[key][k] += v
+        for key, n in other.route.items():
+            self.route[key] += n
         self.access_dropped += other.access_dropped
 
     def to_json(self) -> dict:
         return {"listener": [[name, slot, val] for (name, slot), val in self.listener.items()],
                 "server": [[up, name, val] for (up, name), val in self.server.items()],
+                "route": [[listener, route, n] for (listener, route), n in self.route.items()],
                 "access_dropped": self.access_dropped}
 
     @classmethod
@@ -107,8 +112,45 @@ class Totals:
             for k in acc:
                 if k in val:
                     acc[k] += int(val[k])
+        for listener, route, n in doc.get("route", []):
+            t.route[(str(listener), str(route))] += int(n)
         t.access_dropped = int(doc.get("access_dropped", 0))
         return t
+
+
+def add_routes(acc: dict, gen, slot: int, labels: list[tuple[str, str]]) -> None:
+    if not labels or gen.shm.nroutes != len(labels):
+        return
+    counts = gen.shm.route_conns(slot)
+    for k, label in enumerate(labels):
+        acc[label] += counts[k]
+
+
+def route_connections(master, totals: Totals | None) -> dict[tuple[str, str], int]:
+    """Connections routed, per (listener, route): retired generations + live ones."""
+    acc: dict[tuple[str, str], int] = defaultdict(int)
+    if totals is not None:
+        for label, n in totals.route.items():
+            acc[label] += n
+    for gen in master.generations:
+        labels = edge.route_labels(gen.config)
+        for slot in range(gen.shm.nworkers):
+            add_routes(acc, gen, slot, labels)
+    return acc
+
+
+def listener_closed(master, totals: Totals | None) -> dict[str, list[int]]:
+    """Connections closed per reason, per listener name (all worker slots)."""
+    acc: dict[str, list[int]] = defaultdict(lambda: [0] * len(END_REASONS))
+    if totals is not None:
+        for (name, _slot), val in totals.listener.items():
+            acc[name] = [a + b for a, b in zip(acc[name], val["closed"])]
+    for gen in master.generations:
+        for slot in range(gen.shm.nworkers):
+            st = gen.shm.lstats(slot)
+            for li, lst in enumerate(gen.config.listeners):
+                acc[lst.name] = [a + st[li].closed[i] for i, a in enumerate(acc[lst.name])]
+    return acc
 
 
 def add_listener(acc: dict, st) -> None:
@@ -182,6 +224,13 @@ class RingdCollector:
         for key in sorted(listener):
             g.add_metric([key[0], str(key[1])], paused.get(key, 0))
         yield g
+
+        c = CounterMetricFamily("ringd_route_connections",
+                                "Connections sent to a route's upstream by their TLS server name",
+                                labels=["listener", "route"])
+        for (ln, rn), v in sorted(route_connections(m, self.totals).items()):
+            c.add_metric([ln, rn], v)
+        yield c
 
         yield from self._servers()
         yield from self._process()

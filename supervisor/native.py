@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ringd._native import ffi, lib
 
+from . import edge
 from .config import Config
 
 BALANCE = {
@@ -36,7 +37,10 @@ WORKER_STATES = {
     lib.RINGD_WS_DRAINING: "draining",
     lib.RINGD_WS_EXITED: "exited",
 }
-END_REASONS = ("done", "reset", "timeout", "drain", "connect", "resource")
+END_REASONS = ("done", "reset", "timeout", "drain", "connect", "resource",
+               # refusals before any connect (preconnect.c)
+               "denied", "proxy_header", "source_limit", "source_rate", "no_route", "peek_timeout")
+REFUSALS = END_REASONS[6:]
 SERVER_STATES = {
     lib.RINGD_SRV_UP: "up",
     lib.RINGD_SRV_DOWN: "down",
@@ -94,13 +98,15 @@ class SharedState:
     exec)."""
 
     def __init__(self, generation: int, nworkers: int, nlisteners: int, nservers: int,
-                 log_records: int = DEFAULT_LOG_RECORDS, *, fd: int | None = None):
+                 log_records: int = DEFAULT_LOG_RECORDS, nroutes: int = 0, *,
+                 fd: int | None = None):
         assert log_records & (log_records - 1) == 0
         self.generation = generation
         self.nworkers = nworkers
         self.nlisteners = nlisteners
         self.nservers = nservers
         self.log_capacity = log_records
+        self.nroutes = nroutes
 
         s_hdr = ffi.sizeof("struct ringd_shm_header")
         s_srv = ffi.sizeof("struct ringd_server_shm")
@@ -111,7 +117,8 @@ class SharedState:
         self._w_wsrv = self._w_lstats + ffi.sizeof("struct ringd_listener_stats") * nlisteners
         self._w_ring = _align(self._w_wsrv + ffi.sizeof("struct ringd_worker_server") * nservers)
         self._w_records = self._w_ring + ffi.sizeof("struct ringd_log_ring")
-        self._block = _align(self._w_records + ffi.sizeof("struct ringd_log_record") * log_records)
+        self._w_routes = _align(self._w_records + ffi.sizeof("struct ringd_log_record") * log_records)
+        self._block = _align(self._w_routes + 8 * nroutes)
         self.size = self._off_workers + self._block * nworkers
 
         fresh = fd is None
@@ -135,6 +142,7 @@ class SharedState:
             hdr.nlisteners = nlisteners
             hdr.nservers = nservers
             hdr.log_ring_records = log_records
+            hdr.nroutes = nroutes
 
     @classmethod
     def adopt(cls, fd: int) -> "SharedState | str":
@@ -158,7 +166,7 @@ class SharedState:
         shm = cls.__new__(cls)
         try:
             cls.__init__(shm, hdr.generation, hdr.nworkers, hdr.nlisteners, hdr.nservers,
-                         log_records, fd=fd)
+                         log_records, hdr.nroutes, fd=fd)
         except (OSError, ValueError) as e:
             return f"cannot map the segment: {e}"
         if os.fstat(fd).st_size != shm.size:
@@ -193,6 +201,10 @@ class SharedState:
 
     def log_records(self, w: int):
         return ffi.cast("struct ringd_log_record *", self._wbase(w) + self._w_records)
+
+    def route_conns(self, w: int):
+        """Pointer to this worker's [nroutes] routed-connection counters."""
+        return ffi.cast("uint64_t *", self._wbase(w) + self._w_routes)
 
     def bump_epoch(self) -> None:
         self.header.state_epoch += 1
@@ -285,10 +297,11 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     nworkers = shm.nworkers
 
     listeners = ffi.new("struct ringd_listener_cfg[]", max(nl, 1))
+    first_route = 0
     for i, lst in enumerate(config.listeners):
         lc = listeners[i]
         lc.fd = next(fd for fd, li in acceptors if li == i)
-        lc.upstream = up_index[lst.upstream]
+        lc.upstream = up_index[lst.upstream] if lst.upstream else lib.RINGD_NO_UPSTREAM
         lc.max_conns = max(1, -(-lst.max_connections // nworkers))
         lc.connect_timeout_ms = max(1, int(lst.connect_timeout * 1000))
         lc.idle_timeout_ms = max(1, int(lst.idle_timeout * 1000))
@@ -296,6 +309,8 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         lc.backlog = lst.backlog
         lc.rcvbuf = lst.rcvbuf
         lc.sndbuf = lst.sndbuf
+        edge.fill_listener(ffi, lc, lst, up_index, first_route, keep)
+        first_route += len(lst.routes)
 
     nsrv = sum(len(u.servers) for u in config.upstreams)
     upstreams = ffi.new("struct ringd_upstream_cfg[]", max(len(config.upstreams), 1))
@@ -367,6 +382,9 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         cfg.srclimit = srclimit.ptr
         cfg.srclimit_len = srclimit.size
         cfg.srclimit_column = srclimit_column
+    if shm.nroutes:
+        cfg.route_conns = shm.route_conns(slot)
+        cfg.nroutes = shm.nroutes
     keep.extend([listeners, upstreams, servers, acc])
     return cfg, keep
 
@@ -383,6 +401,7 @@ class Event:
     a: int
     b: int
     c: int
+    peer: str = ""      # RINGD_EV_PROXY_BAD: the peer's address
 
     @property
     def error(self) -> str:
@@ -418,7 +437,18 @@ def decode_event(data: bytes) -> Event | None:
     if len(data) < EVENT_SIZE:
         return None
     ev = ffi.from_buffer("struct ringd_event *", bytearray(data[:EVENT_SIZE]))
-    return Event(ev.type, ev.err, ev.a, ev.b, ev.c)
+    peer = sockaddr_text(bytes(ffi.buffer(ev.peer)), ev.peer_len) if ev.peer_len else ""
+    return Event(ev.type, ev.err, ev.a, ev.b, ev.c, peer)
+
+
+# RINGD_EV_PROXY_BAD b -> what was wrong with the header
+PROXY_BAD = {
+    0: "untrusted peer (not in trusted_proxies)", 99: "not a PROXY header",
+    100: "no complete header before peek_timeout, or EOF",
+    1: "v1: bad line", 2: "v1: protocol not TCP4/TCP6/UNKNOWN", 3: "v1: bad address",
+    4: "v1: bad port", 5: "v1: syntax", 6: "v2: version", 7: "v2: command", 8: "v2: family",
+    9: "v2: length", 10: "v2: TLV overruns the header or is cut short", 11: "v2: CRC32C mismatch",
+}
 
 
 def encode_cmd(cmd: int, arg: int = 0) -> bytes:

@@ -6,7 +6,7 @@ import os
 import time
 
 from . import PACKAGE_VERSION, __version__
-from .native import END_REASONS, SERVER_STATES, WORKER_STATES
+from .native import END_REASONS, REFUSALS, SERVER_STATES, WORKER_STATES
 
 
 def _listener_totals(gen, slot: int) -> dict:
@@ -18,6 +18,27 @@ def _listener_totals(gen, slot: int) -> dict:
         for k in keys:
             tot[k] += getattr(st[li], k)
     return tot
+
+
+def _listeners(master) -> list[dict]:
+    """Per listener of the active config: refusals by reason and connections
+    per route, since the master started (retired generations included)."""
+    from .metrics import listener_closed, route_connections   # metrics imports prometheus
+    gen = master.active
+    if gen is None:
+        return []
+    totals = master.admin.totals if master.admin is not None else None
+    closed = listener_closed(master, totals)
+    routes = route_connections(master, totals)
+    out = []
+    for lst in gen.config.listeners:
+        counts = closed.get(lst.name, [0] * len(END_REASONS))
+        out.append({
+            "listener": lst.name,
+            "refused": {r: counts[END_REASONS.index(r)] for r in REFUSALS},
+            "routes": {r.name: routes.get((lst.name, r.name), 0) for r in lst.routes},
+        })
+    return out
 
 
 def collect(master) -> dict:
@@ -89,6 +110,7 @@ def collect(master) -> dict:
             })
     up = master.upgrades
     return {
+        "listeners": _listeners(master),
         "pid": os.getpid(),
         "config": master.config_path,
         "version": __version__,                 # of the running master image

@@ -14,9 +14,9 @@ through ``load``. The package depends on the standard library only:
 """
 from .issues import ConfigError, ConfigIssue
 from .load import MAX_CONFIG_BYTES, load, loads, read_file
-from .model import (ADMIN_KEYS, HEALTH_KEYS, LISTENER_KEYS, RING_KEYS, RINGD_KEYS, SERVER_KEYS,
-                    TOP_KEYS, UPSTREAM_KEYS, AdminSettings, Config, HealthCheck, Listener,
-                    RingdSettings, RingSettings, Server, Upstream)
+from .model import (ADMIN_KEYS, HEALTH_KEYS, LISTENER_KEYS, RING_KEYS, RINGD_KEYS, ROUTE_KEYS,
+                    SERVER_KEYS, TOP_KEYS, UPSTREAM_KEYS, AdminSettings, Config, HealthCheck,
+                    Listener, RingdSettings, RingSettings, Route, Server, Upstream)
 from .values import (BALANCE_METHODS, LOG_FORMATS, LOG_LEVELS, MAX_WEIGHT, MAX_WORKERS, Address,
                      parse_duration)
 
@@ -24,6 +24,6 @@ __all__ = [
     "ADMIN_KEYS", "Address", "AdminSettings", "BALANCE_METHODS", "Config", "ConfigError",
     "ConfigIssue", "HEALTH_KEYS", "HealthCheck", "LISTENER_KEYS", "LOG_FORMATS", "LOG_LEVELS",
     "Listener", "MAX_CONFIG_BYTES", "MAX_WEIGHT", "MAX_WORKERS", "RINGD_KEYS", "RING_KEYS",
-    "RingSettings", "RingdSettings", "SERVER_KEYS", "Server", "TOP_KEYS", "UPSTREAM_KEYS",
-    "Upstream", "load", "loads", "parse_duration", "read_file",
+    "ROUTE_KEYS", "RingSettings", "RingdSettings", "SERVER_KEYS", "Server", "TOP_KEYS", "UPSTREAM_KEYS",
+    "Route", "Upstream", "load", "loads", "parse_duration", "read_file",
 ]

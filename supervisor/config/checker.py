@@ -23,7 +23,7 @@ from . import model as m
 from . import values as v
 from .issues import ConfigIssue, Path, format_path, quote
 from .model import AdminSettings, Config, HealthCheck, Listener, RingdSettings, RingSettings, \
-    Server, Upstream
+    Route, Server, Upstream
 from .scanner import LineScanner
 from .values import Address, Invalid, got
 
@@ -293,16 +293,25 @@ class Checker:
                 continue
             before = len(self.issues)
             self.known_keys(table, lpath, Listener)
-            name, listen, upstream = self.required(Listener, table, lpath).values()
-            if upstream is None:
-                references_ok = False
-            elif upstream not in upstreams:
-                close = difflib.get_close_matches(upstream, list(upstreams), n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                self.error(lpath + ("upstream",), f"no upstream named {quote(upstream)}{hint}")
-            else:
-                referenced.add(upstream)
+            name, listen = self.required(Listener, table, lpath).values()
             found = self.optional(Listener, table, lpath)
+            routes = self.routes(table.get("route"), lpath + ("route",), upstreams, referenced)
+            if routes is None:
+                references_ok = False
+            else:
+                found["routes"] = routes
+            if "upstream" not in table and routes == ():
+                self.error(lpath + ("upstream",), "missing required key (a listener without "
+                           "[[listener.route]] needs an upstream)")
+            upstream = found.get("upstream")
+            if upstream is None:
+                references_ok = references_ok and "upstream" not in table
+            elif self.known_upstream(upstream, upstreams, lpath + ("upstream",)):
+                referenced.add(upstream)
+            if found.get("trusted_proxies") and not found.get("accept_proxy", False):
+                self.error(lpath + ("trusted_proxies",),
+                           "is set but accept_proxy is false: no PROXY header is read, so the "
+                           "list would never be checked (set accept_proxy = true or remove it)")
             if name is not None:
                 self.unique(names, name, index, lpath + ("name",), lambda first:
                             f"duplicate listener name {quote(name)} (also listener[{first}])")
@@ -310,13 +319,62 @@ class Checker:
                 self.unique(addresses, (listen.ip, listen.port), index, lpath + ("listen",),
                             lambda first: f"{listen} is already used by listener[{first}]")
             if len(self.issues) == before:
-                listeners.append(Listener(name=name, listen=listen, upstream=upstream, **found))
+                listeners.append(Listener(name=name, listen=listen, **found))
         if references_ok:
             # An upstream with errors of its own is not also reported as unused.
             for name, upstream in upstreams.items():
                 if upstream is not None and name not in referenced:
                     self.error(("upstream", name), "not used by any listener")
         return listeners
+
+    def known_upstream(self, upstream: str, upstreams: dict[str, Upstream | None],
+                       path: Path) -> bool:
+        if upstream in upstreams:
+            return True
+        close = difflib.get_close_matches(upstream, list(upstreams), n=1, cutoff=0.6)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        self.error(path, f"no upstream named {quote(upstream)}{hint}")
+        return False
+
+    def routes(self, raw: Any, path: Path, upstreams: dict[str, Upstream | None],
+               referenced: set[str]) -> tuple[Route, ...] | None:
+        """The [[listener.route]] tables of one listener; None if an upstream
+        reference could not be read (so unused upstreams are not reported)."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.error(path, f"expected an array of tables ([[listener.route]]), got {got(raw)}")
+            return None
+        routes: list[Route] = []
+        names: dict[str, int] = {}
+        snis: dict[str, int] = {}
+        ok = True
+        for index, item in enumerate(raw):
+            rpath = path + (index,)
+            table = self.table(item, rpath)
+            if table is None:
+                ok = False
+                continue
+            before = len(self.issues)
+            self.known_keys(table, rpath, Route)
+            sni, upstream = self.required(Route, table, rpath).values()
+            found = self.optional(Route, table, rpath)
+            if upstream is None:
+                ok = False
+            elif self.known_upstream(upstream, upstreams, rpath + ("upstream",)):
+                referenced.add(upstream)
+            label = found.pop("name", None) or upstream
+            if label is not None:
+                key = "name" if "name" in table else "upstream"
+                self.unique(names, label, index, rpath + (key,), lambda first:
+                            f"route name {quote(label)} is also route[{first}]'s: give each "
+                            f"route a distinct name")
+            for k, pattern in enumerate(sni or ()):
+                self.unique(snis, pattern, index, rpath + ("sni", k), lambda first:
+                            f"duplicate server name {quote(pattern)} (also in route[{first}])")
+            if len(self.issues) == before:
+                routes.append(Route(sni=sni, upstream=upstream, name=label))
+        return tuple(routes) if ok else None
 
     def unique(self, seen: dict, value: Any, index: int, path: Path,
                message: Callable[[int], str]) -> None:

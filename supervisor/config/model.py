@@ -21,7 +21,7 @@ from .values import Address
 
 __all__ = [
     "AdminSettings", "Config", "HealthCheck", "Listener", "RingSettings", "RingdSettings",
-    "Server", "Upstream", "converter", "key", "key_fields", "keys",
+    "Route", "Server", "Upstream", "converter", "key", "key_fields", "keys",
 ]
 
 
@@ -96,10 +96,19 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    sni: tuple[str, ...] = key(convert=v.sni_list, required=True,
+                               doc='server names: exact, or "*.example.com" for any name below')
+    upstream: str = key(convert=v.string, required=True, doc="the upstream these names go to")
+    name: str = key("", v.name, "label in metrics (default: the upstream's name)")
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str = key(convert=v.name, required=True, doc="unique name in logs and metrics")
     listen: Address = key(convert=v.address(wildcard=True), required=True, doc="where to accept")
-    upstream: str = key(convert=v.string, required=True, doc="the upstream it forwards to")
+    # required unless the listener has routes (the checker)
+    upstream: str | None = key(None, v.string, "the upstream it forwards to (when no route matches)")
     backlog: int = key(511, v.integer(1, 65535), "listen(2) queue length")
     max_connections: int = key(10000, v.integer(1, 1_000_000), "open connections, all workers")
     connect_timeout: float = key(5.0, v.duration(allow_zero=False), "per connect to a server")
@@ -107,6 +116,26 @@ class Listener:
     access_log: bool = key(False, v.boolean, "one log line per closed connection")
     rcvbuf: int = key(0, v.socket_buffer, "SO_RCVBUF of client sockets; 0 = autotuning")
     sndbuf: int = key(0, v.socket_buffer, "SO_SNDBUF of client sockets; 0 = autotuning")
+    peek_timeout: float = key(5.0, v.duration(allow_zero=False), "longest wait for the first bytes")
+    accept_proxy: bool = key(False, v.boolean, "a PROXY v1 or v2 header is required first")
+    trusted_proxies: tuple = key((), v.cidr_list, "networks allowed to send it; [] = any")
+    allow: tuple = key((), v.cidr_list, "networks served; [] = all")
+    deny: tuple = key((), v.cidr_list, "networks refused (deny wins over allow)")
+    max_connections_per_source: int = key(0, v.integer(0, 1_000_000),
+                                          "open connections per client, all workers; 0 = no limit")
+    connection_rate_per_source: v.Rate | None = key(None, v.rate,
+                                                    'new connections per client: "50/s"; "" = no limit')
+    source_prefix_v6: int = key(64, v.integer(1, 128), "IPv6 clients are counted per prefix")
+    routes: tuple[Route, ...] = key((), name="route", doc="[[listener.route]]: SNI routes")
+
+    @property
+    def upstreams_used(self) -> tuple[str, ...]:
+        """The default upstream (if any), then each route's."""
+        return tuple(u for u in (self.upstream, *(r.upstream for r in self.routes)) if u)
+
+    @property
+    def needs_peek(self) -> bool:
+        return bool(self.routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +214,7 @@ RINGD_KEYS = keys(RingdSettings)
 RING_KEYS = keys(RingSettings)
 ADMIN_KEYS = keys(AdminSettings)
 LISTENER_KEYS = keys(Listener)
+ROUTE_KEYS = keys(Route)
 UPSTREAM_KEYS = keys(Upstream)
 SERVER_KEYS = keys(Server)
 HEALTH_KEYS = keys(HealthCheck)

@@ -435,3 +435,84 @@ def cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
             raise Invalid(f"invalid network {quote(value)}: {exc}") from None
         raise Invalid(f"{quote(value)} has host bits set (the network is {quote(str(loose))})") \
             from None
+
+
+def cidr_list(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """An array of networks (see ``cidr``); the element at fault is named."""
+    if not isinstance(value, list):
+        raise Invalid(f'expected an array of networks like ["10.0.0.0/8"], got {got(value)}')
+    found = []
+    for index, item in enumerate(value):
+        try:
+            found.append(cidr(item))
+        except Invalid as exc:
+            raise Invalid(f"[{index}]: {exc}") from None
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``count`` new connections per ``seconds`` (a sliding window)."""
+
+    count: int
+    seconds: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{ {1: 's', 60: 'm', 3600: 'h'}[self.seconds] }"
+
+
+_RATE_RE = re.compile(r"([0-9]+)\s*/\s*([smh])")
+_RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
+_RATE_HINT = 'expected a rate like "50/s", "600/m" or "" (no limit)'
+
+
+def rate(value: Any) -> Rate | None:
+    """A rate "N/s", "N/m" or "N/h"; "" = no limit."""
+    if not isinstance(value, str):
+        raise Invalid(f"{_RATE_HINT}, got {got(value)}")
+    if not value.strip():
+        return None
+    match = _RATE_RE.fullmatch(value.strip())
+    if match is None:
+        raise Invalid(f"{_RATE_HINT}, got {quote(value)}")
+    count = int(match.group(1))
+    if not 1 <= count <= 1_000_000:
+        raise Invalid(f"the count must be between 1 and 1000000, got {quote(value)}")
+    return Rate(count, _RATE_UNITS[match.group(2)])
+
+
+# An SNI pattern: "example.com" or "*.example.com" (any name below it). The
+# name part follows the rules of the data path's parser (ringd_tls_name_normalize).
+_LABEL_RE = re.compile(r"[a-z0-9_-]{1,63}")
+
+
+def sni_name(value: Any) -> str:
+    """One server name of a route, normalised: lower case, no trailing dot."""
+    if not isinstance(value, str):
+        raise Invalid(f'expected a server name like "api.example.com", got {got(value)}')
+    text = value.lower()
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1]
+    wildcard = text.startswith("*.")
+    rest = text[2:] if wildcard else text
+    if "*" in rest:
+        raise Invalid(f'invalid server name {quote(value)}: "*" is allowed only as a whole '
+                      f'first label ("*.example.com")')
+    labels = rest.split(".")
+    if not rest or len(rest) > 253 or not all(_LABEL_RE.fullmatch(lb) for lb in labels):
+        raise Invalid(f"invalid server name {quote(value)}: labels of 1 to 63 of a-z 0-9 _ -, "
+                      f"at most 253 bytes")
+    return text
+
+
+def sni_list(value: Any) -> tuple[str, ...]:
+    """A non-empty array of server names (see ``sni_name``)."""
+    if not isinstance(value, list) or not value:
+        raise Invalid(f'expected a non-empty array of server names, got {got(value)}')
+    found = []
+    for index, item in enumerate(value):
+        try:
+            found.append(sni_name(item))
+        except Invalid as exc:
+            raise Invalid(f"[{index}]: {exc}") from None
+    return tuple(found)

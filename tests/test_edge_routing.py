@@ -1,0 +1,334 @@
+"""Edge routing end to end: SNI routes, the peek, PROXY headers received,
+allow/deny. Real ringd, real backends, real ClientHellos from Python's ssl.
+
+The backends are tests/backend.py "id" servers: they greet with "ID <port>"
+and echo, so every case checks both where a connection went and that the
+server received the client's bytes byte for byte."""
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import time
+
+import pytest
+
+from harness import Backend, Ringd, connect, free_ports, recv_all, upstream, wait_for
+from parser_corpus import Hello, frame, handshake, pq_key_share, proxy_v1, proxy_v2, sni_ext, \
+    ssl_hello
+
+MODES = pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
+QUICK = 1.0     # a decision that needs no wait arrives well within this
+
+
+def _listener(name, port, up=None, routes=(), **opts) -> str:
+    lines = [f'\n[[listener]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\n']
+    if up:
+        lines.append(f'upstream = "{up}"\n')
+    for k, v in opts.items():
+        lines.append(f"{k} = {json.dumps(v)}\n")
+    for sni, rup in routes:
+        lines.append(f'[[listener.route]]\nsni = {json.dumps(list(sni))}\nupstream = "{rup}"\n')
+    return "".join(lines)
+
+
+def _ring(sqpoll: bool) -> str:
+    return f"[ring]\nsqpoll = {str(sqpoll).lower()}\n"
+
+
+def _exchange(port: int, data: bytes, pieces: int = 1, timeout: float = 5.0,
+              source: str | None = None) -> tuple[str, bytes, float]:
+    """Send `data` (in `pieces` sends), read the greeting line and the echo
+    of data. Returns (greeting, echo, seconds to the greeting)."""
+    s = connect(port, timeout=timeout, source=source)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.monotonic()
+    try:
+        step = max(1, -(-len(data) // pieces))
+        for i in range(0, len(data), step):
+            s.sendall(data[i:i + step])
+            if pieces > 1:
+                time.sleep(0.002)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        took = time.monotonic() - t0
+        line, _, rest = buf.partition(b"\n")
+        while len(rest) < len(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return line.decode(), rest, took
+    finally:
+        s.close()
+
+
+def _refused(port: int, data: bytes = b"", source: str | None = None,
+             timeout: float = 5.0) -> float:
+    """Connect, send data; the connection must end without a byte from a
+    server. Returns the seconds it took."""
+    s = connect(port, timeout=timeout, source=source)
+    t0 = time.monotonic()
+    try:
+        if data:
+            try:
+                s.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - t0
+        try:
+            got = s.recv(4096)
+        except ConnectionResetError:
+            got = b""
+        assert got == b"", got
+        return time.monotonic() - t0
+    finally:
+        s.close()
+
+
+def _closed_count(r: Ringd, listener: str, reason: str) -> int:
+    for ls in r.status()["listeners"]:
+        if ls["listener"] == listener:
+            return ls["refused"][reason]
+    raise KeyError(listener)
+
+
+def _with_sni(name: bytes) -> bytes:
+    """A real ClientHello whose server_name is exactly `name` (any case, dots)."""
+    h = Hello(handshake(ssl_hello("placeholder.invalid")))
+    h.set_ext(0, sni_ext(name))
+    return frame(h.encode())
+
+
+def _big_hello(name: str, split: int | None) -> bytes:
+    """A post-quantum sized ClientHello (> 1.5 KiB), in one record or two."""
+    h = pq_key_share(Hello(handshake(ssl_hello(name))), random.Random(7))
+    msg = h.encode()
+    assert len(msg) > 1536
+    return frame(msg, [split] if split else None)
+
+
+@pytest.fixture
+def backends():
+    ports = free_ports(3)
+    with Backend("id", ports):
+        yield ports
+
+
+def _routes_conf(port, bports, **opts):
+    a, b, c = bports
+    return (_listener("tls", port, "dflt", routes=[(["api.example.com"], "api"),
+                                                   (["*.example.org", "www.example.net"], "wild")],
+                      **opts)
+            + upstream("api", [f"127.0.0.1:{a}"]) + upstream("wild", [f"127.0.0.1:{b}"])
+            + upstream("dflt", [f"127.0.0.1:{c}"]))
+
+
+@MODES
+def test_sni_routes_pick_the_upstream_and_the_server_gets_the_exact_bytes(tmp_path, backends,
+                                                                         sqpoll):
+    a, b, c = backends
+    port = free_ports(1)[0]
+    conf = _ring(sqpoll) + _routes_conf(port, backends, peek_timeout="5s")
+    cases = [
+        ("exact", ssl_hello("api.example.com"), 1, a),
+        ("upper case and trailing dot", _with_sni(b"API.Example.COM."), 1, a),
+        ("wildcard, one label", ssl_hello("x.example.org"), 1, b),
+        ("wildcard, deeper", ssl_hello("a.b.example.org"), 1, b),
+        ("wildcard does not match its base", ssl_hello("example.org"), 1, c),
+        ("second name of a route", ssl_hello("www.example.net"), 1, b),
+        ("no match", ssl_hello("other.example.com"), 1, c),
+        ("no SNI", ssl_hello(None), 1, c),
+        ("small pieces", ssl_hello("api.example.com"), 40, a),
+        ("post-quantum size, one record, pieces", _big_hello("api.example.com", None), 12, a),
+        ("post-quantum size, two records", _big_hello("x.example.org", 700), 1, b),
+        ("two records, pieces", _big_hello("api.example.com", 1000), 9, a),
+        ("SSL 3.0 record version", frame(handshake(ssl_hello("api.example.com")),
+                                         version=0x0300), 1, a),
+        ("not TLS", b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n", 1, c),
+    ]
+    with Ringd(tmp_path, conf, workers=2) as r:
+        for what, data, pieces, want in cases:
+            for _ in range(2):
+                greeting, echo, took = _exchange(port, data + b"after the hello", pieces)
+                assert greeting == f"ID {want}", what
+                assert echo == data + b"after the hello", what
+                assert took < QUICK + 0.1 * pieces, (what, took)
+        st = {ls["listener"]: ls for ls in r.status()["listeners"]}["tls"]
+        assert st["routes"] == {"api": 12, "wild": 8}
+        assert not any(st["refused"].values())
+        r.assert_no_traceback()
+
+
+@MODES
+def test_silent_client_goes_to_the_default_upstream_after_peek_timeout(tmp_path, backends,
+                                                                      sqpoll):
+    """A server-first protocol: the client waits for the server's greeting."""
+    port = free_ports(1)[0]
+    conf = _ring(sqpoll) + _routes_conf(port, backends, peek_timeout="300ms")
+    with Ringd(tmp_path, conf, workers=2) as r:
+        for _ in range(3):
+            s = connect(port, timeout=5)
+            t0 = time.monotonic()
+            assert s.recv(100) == f"ID {backends[2]}\n".encode()
+            took = time.monotonic() - t0
+            assert 0.25 <= took < 2.0, took
+            s.sendall(b"hello")
+            assert s.recv(100) == b"hello"
+            s.close()
+        assert not any(_closed_count(r, "tls", k) for k in ("peek_timeout", "no_route"))
+
+
+@MODES
+def test_without_a_default_upstream_refusals_are_closed_and_counted(tmp_path, backends, sqpoll):
+    a = backends[0]
+    port = free_ports(1)[0]
+    conf = (_ring(sqpoll) + _listener("tls", port, None, routes=[(["api.example.com"], "api")],
+                                      peek_timeout="300ms")
+            + upstream("api", [f"127.0.0.1:{a}"]))
+    with Ringd(tmp_path, conf, workers=2) as r:
+        assert _exchange(port, ssl_hello("api.example.com"))[0] == f"ID {a}"
+        for data in (ssl_hello("nope.example.com"), ssl_hello(None), b"SSH-2.0-x\r\n"):
+            assert _refused(port, data) < QUICK
+        took = _refused(port)               # silent: the deadline closes it
+        assert 0.25 <= took < 2.0, took
+        wait_for(lambda: _closed_count(r, "tls", "no_route") == 3
+                 and _closed_count(r, "tls", "peek_timeout") == 1, 5, what="refusals counted")
+
+
+# ------------------------------------------------------------------ PROXY received
+
+def _proxy_conf(port, bport, sqpoll, **opts):
+    return (_ring(sqpoll) + _listener("edge", port, "app", accept_proxy=True, access_log=True,
+                                      peek_timeout="2s", **opts)
+            + upstream("app", [f"127.0.0.1:{bport}"], proxy_protocol="v2"))
+
+
+def _upstream_header(port: int, data: bytes, pieces: int = 1) -> dict:
+    """Send a PROXY header + payload; the backend answers with the header
+    ringd sent it (JSON), then echoes the payload."""
+    s = connect(port, timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        step = max(1, -(-len(data) // pieces))
+        for i in range(0, len(data), step):
+            s.sendall(data[i:i + step])
+            time.sleep(0.002 if pieces > 1 else 0)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(4096)
+            assert chunk, buf
+            buf += chunk
+        line, _, rest = buf.partition(b"\n")
+        while len(rest) < 7:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        info = json.loads(line)
+        info["echo"] = rest
+        return info
+    finally:
+        s.close()
+
+
+@MODES
+def test_proxy_header_replaces_the_client_address(tmp_path, sqpoll):
+    bport, port = free_ports(2)
+    with Backend("proxy", [bport]), Ringd(tmp_path, _proxy_conf(port, bport, sqpoll)) as r:
+        cases = [
+            (proxy_v1("TCP4", "192.0.2.7", "198.51.100.1", 4321, 443), "192.0.2.7", 1),
+            (proxy_v1("TCP6", "2001:db8::7", "2001:db8::1", 4321, 443), "2001:db8::7", 1),
+            (proxy_v2(src="192.0.2.8", dst="198.51.100.2", sport=555), "192.0.2.8", 1),
+            (proxy_v2(fam=0x21, src="2001:db8::8", dst="2001:db8::2",
+                      tlvs=[(0x02, b"example.com"), (0xE0, b"x" * 300)], crc=True),
+             "2001:db8::8", 1),
+            (proxy_v2(src="192.0.2.9", tlvs=[(0x01, b"h2")]), "192.0.2.9", 25),
+            (proxy_v2(command=0, fam=0x00), "127.0.0.1", 1),     # LOCAL: the socket's own
+            (proxy_v1("UNKNOWN"), "127.0.0.1", 1),
+        ]
+        for header, src, pieces in cases:
+            info = _upstream_header(port, header + b"payload", pieces)
+            assert info.get("src") == src, (header, info)
+            assert info["echo"] == b"payload"
+        # the address the client connected to travels on too
+        info = _upstream_header(port, proxy_v1("TCP4", "192.0.2.7", "198.51.100.1", 4321, 443)
+                                + b"payload")
+        assert (info["dst"], info["sport"], info["dport"]) == ("198.51.100.1", 4321, 443)
+        evs = r.wait_event("access", count=len(cases) + 1)
+        clients = sorted(e["client"].rsplit(":", 1)[0] for e in evs)
+        assert "192.0.2.7" in clients and "[2001:db8::8]" in clients
+        assert any(e["client"] == "192.0.2.8:555" for e in evs)
+        assert _closed_count(r, "edge", "proxy_header") == 0
+
+
+@MODES
+def test_bad_proxy_headers_are_closed_at_once_and_counted(tmp_path, sqpoll):
+    bport, port = free_ports(2)
+    good = proxy_v2()
+    tlv_overrun = bytearray(proxy_v2(tlvs=[(0x02, b"abcd")]))
+    tlv_overrun[-5:-3] = struct.pack("!H", 40)          # the TLV claims 40 bytes, has 4
+    truncated = proxy_v2(tlvs=[(0x02, b"abcd")])[:-6] + b"\x02"   # header length cuts a TLV
+    truncated = truncated[:14] + struct.pack("!H", len(truncated) - 16) + truncated[16:]
+    bad = [
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n",
+        b"PROXY TCP4 1.2.3 5.6.7.8 1 1\r\n",
+        bytes(tlv_overrun),
+        truncated,
+        good[:12] + b"\x31" + good[13:],                  # version 3
+        b"\x00" * 20,
+    ]
+    with Backend("proxy", [bport]), Ringd(tmp_path, _proxy_conf(port, bport, sqpoll)) as r:
+        for data in bad:
+            assert _refused(port, data + b"payload") < QUICK, data
+        assert 1.5 < _refused(port, b"PROXY TCP4 ") < 4        # incomplete: the deadline
+        wait_for(lambda: _closed_count(r, "edge", "proxy_header") == len(bad) + 1, 5,
+                 what="refusals counted")
+        ev = r.wait_event("proxy_header_refused")[0]
+        assert ev["peer"].startswith("127.0.0.1:") and ev["level"] == "debug"
+        assert _upstream_header(port, good + b"payload")["src"] == "192.0.2.1"
+
+
+def test_untrusted_peer_may_not_send_a_header(tmp_path):
+    bport, port = free_ports(2)
+    conf = _proxy_conf(port, bport, False, trusted_proxies=["127.0.0.2/32", "10.0.0.0/8"])
+    with Backend("proxy", [bport]), Ringd(tmp_path, conf) as r:
+        assert _refused(port, proxy_v2() + b"x", source="127.0.0.1") < QUICK
+        s = connect(port, timeout=5, source="127.0.0.2")
+        s.sendall(proxy_v2(src="192.0.2.44") + b"payload")
+        assert json.loads(s.recv(4096).split(b"\n")[0])["src"] == "192.0.2.44"
+        s.close()
+        wait_for(lambda: _closed_count(r, "edge", "proxy_header") == 1, 5, what="counted")
+
+
+# ------------------------------------------------------------------ allow / deny
+
+@MODES
+def test_allow_and_deny_on_the_socket_address(tmp_path, sqpoll):
+    bport, port = free_ports(2)
+    conf = (_ring(sqpoll) + _listener("web", port, "app", allow=["127.0.0.0/30", "10.0.0.0/8"],
+                                      deny=["127.0.0.2"])
+            + upstream("app", [f"127.0.0.1:{bport}"]))
+    with Backend("id", [bport]), Ringd(tmp_path, conf) as r:
+        assert _exchange(port, b"hi", source="127.0.0.1")[0] == f"ID {bport}"
+        assert _exchange(port, b"hi", source="127.0.0.3")[0] == f"ID {bport}"
+        assert _refused(port, b"hi", source="127.0.0.2") < QUICK      # denied wins
+        assert _refused(port, b"hi", source="127.0.0.4") < QUICK      # not allowed
+        wait_for(lambda: _closed_count(r, "web", "denied") == 2, 5, what="denied counted")
+
+
+def test_allow_and_deny_on_a_proxy_supplied_address(tmp_path):
+    bport, port = free_ports(2)
+    conf = _proxy_conf(port, bport, False, allow=["192.0.2.0/24"], deny=["192.0.2.66"])
+    with Backend("proxy", [bport]), Ringd(tmp_path, conf) as r:
+        assert _upstream_header(port, proxy_v2(src="192.0.2.5") + b"payload")["src"] == "192.0.2.5"
+        assert _refused(port, proxy_v2(src="192.0.2.66") + b"payload") < QUICK
+        assert _refused(port, proxy_v2(src="198.51.100.1") + b"payload") < QUICK
+        # the socket's own address (LOCAL) is not in allow either
+        assert _refused(port, proxy_v2(command=0, fam=0) + b"payload") < QUICK
+        wait_for(lambda: _closed_count(r, "edge", "denied") == 3, 5, what="denied counted")
