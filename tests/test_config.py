@@ -81,9 +81,9 @@ def test_example_config_loads_with_documented_values():
     assert config.admin.listen is not None and config.admin.listen.port == 9100
     # The example spells out the defaults, so it must load to the same values.
     assert config.ring == cfg.RingSettings()
-    assert dataclasses.replace(listener, name="x", listen=None, upstream="") == cfg.Listener(
-        name="x", listen=None, upstream=""
-    )
+    assert dataclasses.replace(listener, name="x", listen=None, upstream="", routes=()) == \
+        cfg.Listener(name="x", listen=None, upstream="")
+    assert [r.sni for r in listener.routes] == [("app.example.com", "*.app.example.com")]
     assert app.connect_retries == 2 and app.proxy_protocol is None and app.fail_timeout == 10.0
 
 
@@ -91,15 +91,15 @@ def test_example_config_documents_every_key():
     text = (ROOT / "conf" / "ringd.toml").read_text()
     schema = (
         cfg.RINGD_KEYS + cfg.RING_KEYS + cfg.ADMIN_KEYS + cfg.LISTENER_KEYS
-        + cfg.UPSTREAM_KEYS + cfg.SERVER_KEYS + cfg.HEALTH_KEYS
+        + cfg.UPSTREAM_KEYS + cfg.SERVER_KEYS + cfg.HEALTH_KEYS + cfg.ROUTE_KEYS
     )
     for key in schema:
-        if key in ("servers", "health"):
+        if key in ("servers", "health", "route"):
             continue  # a table / array, documented by its own comment block
         assert re.search(rf"(?<![\w.]){key}\s*=", text), f"{key} is not in conf/ringd.toml"
     lines = text.splitlines()
     for number, line in enumerate(lines):
-        if re.match(r"[a-z_]+\s*=", line):
+        if re.match(r"[a-z0-9_]+\s*=", line):
             assert lines[number - 1].startswith("#"), f"line {number + 1} has no comment: {line}"
     # Both server forms and a health table are shown.
     assert re.search(r'^\s*"127\.0\.0\.1:9001",', text, re.M)
@@ -115,7 +115,8 @@ def _model_tables() -> dict[str, set[str]]:
         "[ringd]": set(cfg.RINGD_KEYS),
         "[ring]": set(cfg.RING_KEYS),
         "[admin]": set(cfg.ADMIN_KEYS),
-        "[[listener]]": set(cfg.LISTENER_KEYS),
+        "[[listener]]": set(cfg.LISTENER_KEYS) - {"route"},
+        "[[listener.route]]": set(cfg.ROUTE_KEYS),
         "[upstream.NAME]": (set(cfg.UPSTREAM_KEYS) - {"health"}) | set(cfg.SERVER_KEYS),
         "[upstream.NAME.health]": set(cfg.HEALTH_KEYS),
     }
@@ -123,12 +124,12 @@ def _model_tables() -> dict[str, set[str]]:
 
 def test_every_model_key_has_a_converter_default_and_doc():
     for cls in (cfg.RingdSettings, cfg.RingSettings, cfg.AdminSettings, cfg.Listener,
-                cfg.Upstream, cfg.Server, cfg.HealthCheck):
+                cfg.Route, cfg.Upstream, cfg.Server, cfg.HealthCheck):
         fields = cfg.model.key_fields(cls)
         assert fields, cls
         for f in fields:
             assert f.metadata["doc"], f"{cls.__name__}.{f.name} has no doc"
-            nested = f.name in ("servers", "health")
+            nested = f.name in ("servers", "health", "routes")
             assert (f.metadata["convert"] is None) == nested, f"{cls.__name__}.{f.name}"
             has_default = f.default is not dataclasses.MISSING
             assert has_default or f.metadata["required"] or f.name == "workers", f.name
@@ -138,18 +139,19 @@ def test_example_config_documents_exactly_the_model_keys():
     """conf/ringd.toml shows every key of the model (set or commented out,
     each under a comment) and no key the model does not have."""
     heads = {"[ringd]": "[ringd]", "[ring]": "[ring]", "[admin]": "[admin]",
-             "[[listener]]": "[[listener]]", "[upstream.app]": "[upstream.NAME]",
+             "[[listener]]": "[[listener]]", "[[listener.route]]": "[[listener.route]]",
+             "[upstream.app]": "[upstream.NAME]",
              "[upstream.app.health]": "[upstream.NAME.health]"}
     found: dict[str, set[str]] = {}
     section = None
     lines = (ROOT / "conf" / "ringd.toml").read_text().splitlines()
-    key_line = re.compile(r"(?:# )?([a-z_]+) = ")
+    key_line = re.compile(r"(?:# )?([a-z0-9_]+) = ")
     for number, line in enumerate(lines):
         if line.startswith("["):
             section = heads[line.strip()]
             continue
         match = key_line.match(line)
-        server_key = re.match(r"#   ([a-z_]+)\s{2,}\S", line)   # the servers' key list
+        server_key = re.match(r"#   ([a-z0-9_]+)\s{2,}\S", line)   # the servers' key list
         if section is None or not (match or server_key):
             continue
         found.setdefault(section, set()).add((match or server_key).group(1))
@@ -170,7 +172,7 @@ def test_man_page_documents_exactly_the_model_keys():
         if line.startswith(".SH "):
             section = line[4:].split(":")[0].strip()
         elif previous in (".TP", ".TQ") and section in _model_tables():
-            match = re.match(r'\.B[IR] +"?([a-z_]+)"? *"? *=', line)
+            match = re.match(r'\.B[IR] +"?([a-z0-9_]+)"? *"? *=', line)
             if match:
                 found.setdefault(section, set()).add(match.group(1))
         previous = line.strip()

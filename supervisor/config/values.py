@@ -507,8 +507,10 @@ def sni_name(value: Any) -> str:
 
 def sni_list(value: Any) -> tuple[str, ...]:
     """A non-empty array of server names (see ``sni_name``)."""
-    if not isinstance(value, list) or not value:
-        raise Invalid(f'expected a non-empty array of server names, got {got(value)}')
+    if not isinstance(value, list):
+        raise Invalid(f'expected an array of server names, got {got(value)}')
+    if not value:
+        raise Invalid("must list at least one server name")
     found = []
     for index, item in enumerate(value):
         try:
