@@ -523,7 +523,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
 
     struct ringd_listener_stats *st = conn_lstats(w, c);
     forward_release(w, c);
-    pre_release(w, c);
+    pre_free(w, c);
     /* closed through the ring: batched with the next submission, no
      * syscall of its own */
     sqe_close(w, c->cfd);

@@ -83,10 +83,37 @@ static int proxy_bad(struct worker *w, struct conn *c, uint32_t why)
 
 /* ------------------------------------------------------------ per-source limits */
 
+/*
+ * max_connections_per_source and connection_rate_per_source, counted in the
+ * table all workers share (srclimit.c): the source is the client's address
+ * (after a PROXY header), IPv6 cut to source_prefix_v6. A connection the
+ * table could not track (full, or a slot lock held too long) is admitted:
+ * the table counts those (untracked), a client is never refused for it.
+ * The count is released when the connection is freed (pre_release).
+ */
 static int source_limits(struct worker *w, struct conn *c)
 {
+#ifdef SRCLIMIT_MAGIC
+    const struct ringd_listener_cfg *lc = lcfg(w, c);
+    uint8_t key[16];
+    uint32_t ref = SRCLIMIT_REF_NONE;
+
+    if (!w->cfg->srclimit || (!lc->max_per_source && !lc->rate_count))
+        return PRE_CONNECT;
+    if (c->client_len == 0 || srclimit_source_addr(c->client, lc->source_prefix_v6, key) < 0)
+        return PRE_CONNECT;
+    int r = srclimit_acquire(w->cfg->srclimit, w->cfg->srclimit_column, lc->source_key, key,
+                             lc->max_per_source, lc->rate_count, lc->rate_ms, mono_ms(), &ref);
+    if (r == SRCLIMIT_OVER_OPEN)
+        return -RINGD_END_SOURCE_LIMIT;
+    if (r == SRCLIMIT_OVER_RATE)
+        return -RINGD_END_SOURCE_RATE;
+    c->src_ref = ref;
+#else
+    /* built without the per-source table (native/srclimit.c): no limits */
     (void)w;
     (void)c;
+#endif
     return PRE_CONNECT;
 }
 
@@ -234,8 +261,20 @@ void pre_cancel(struct worker *w, struct conn *c)
         sqe_cancel(w, conn_ud(w, c, OP_PRE_RECV, 0));   /* its linked timeout goes with it */
 }
 
+/* The first bytes are sent (or the connection is freed): the buffer goes.
+ * At free, the per-source count goes too. */
 void pre_release(struct worker *w, struct conn *c)
 {
     free(c->pre);
     c->pre = NULL;
+}
+
+void pre_free(struct worker *w, struct conn *c)
+{
+    pre_release(w, c);
+#ifdef SRCLIMIT_MAGIC
+    if (c->src_ref != SRCLIMIT_REF_NONE && w->cfg->srclimit)
+        srclimit_release(w->cfg->srclimit, w->cfg->srclimit_column, c->src_ref);
+#endif
+    c->src_ref = UINT32_MAX;
 }

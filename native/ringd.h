@@ -383,6 +383,7 @@ int pre_begin(struct worker *w, struct conn *c);
 int pre_on_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe);
 void pre_cancel(struct worker *w, struct conn *c);
 void pre_release(struct worker *w, struct conn *c);
+void pre_free(struct worker *w, struct conn *c);
 
 /* balance.c */
 int balance_init(struct worker *w);
