@@ -392,3 +392,51 @@ def test_reload_changes_routes_and_policy_and_metrics_count(tmp_path, backends):
         assert st["routes"] == {"wild": 3} and st["refused"]["denied"] == 1
         out = r.cli("status", "-c", str(r.conf))
         assert "LISTENER" in out.stdout and "denied 1" in out.stdout, out.stdout + out.stderr
+
+
+@MODES
+def test_many_concurrent_routed_clients_keep_their_bytes(tmp_path, backends, sqpoll):
+    """40 clients at once, each a ClientHello in pieces then 200 KB: every
+    one reaches its route's server, and the echo is the bytes sent."""
+    import concurrent.futures as cf
+    import hashlib
+
+    a, b, c = backends
+    port = free_ports(1)[0]
+    conf = _ring(sqpoll) + _routes_conf(port, backends, peek_timeout="5s")
+    names = [("api.example.com", a), ("q.example.org", b), ("none.example", c), (None, c)]
+
+    def client(i: int):
+        name, want = names[i % len(names)]
+        hello = _big_hello(name, 900) if name and i % 3 == 0 else ssl_hello(name)
+        body = random.Random(i).randbytes(200_000)
+        data = hello + body
+        s = connect(port, timeout=20)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for k in range(0, len(hello), 97):
+                s.sendall(hello[k:k + 97])
+                time.sleep(0.001)
+            sender = threading.Thread(target=s.sendall, args=(body,))
+            sender.start()
+            got = b""
+            while len(got) < len(f"ID {want}\n") + len(data):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join(20)
+            line, _, rest = got.partition(b"\n")
+            return line.decode(), f"ID {want}", hashlib.sha256(rest).digest(), \
+                hashlib.sha256(data).digest()
+        finally:
+            s.close()
+
+    import threading
+    with Ringd(tmp_path, conf, workers=2) as r:
+        with cf.ThreadPoolExecutor(40) as ex:
+            for line, want, got, sent in ex.map(client, range(40), timeout=90):
+                assert line == want and got == sent
+        st = {ls["listener"]: ls for ls in r.status()["listeners"]}["tls"]
+        assert st["routes"] == {"api": 10, "wild": 10} and not any(st["refused"].values())
+        r.assert_no_traceback()
