@@ -31,7 +31,7 @@
  * stays the first field for good) equals its own; otherwise it treats the
  * generation as opaque: it drains it through the control channel and never
  * reads or writes its memory. */
-#define RINGD_ABI_VERSION 2
+#define RINGD_ABI_VERSION 3
 
 /* The control channel (struct ringd_cmd, struct ringd_event and the
  * RINGD_CMD_* / RINGD_EV_* numbers). Both structs keep their layout for good

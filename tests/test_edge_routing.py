@@ -316,7 +316,7 @@ def test_untrusted_peer_may_not_send_a_header(tmp_path):
 def test_allow_and_deny_on_the_socket_address(tmp_path, sqpoll):
     bport, port = free_ports(2)
     conf = (_ring(sqpoll) + _listener("web", port, "app", allow=["127.0.0.0/30", "10.0.0.0/8"],
-                                      deny=["127.0.0.2"])
+                                      deny=["127.0.0.2"], access_log=True)
             + upstream("app", [f"127.0.0.1:{bport}"]))
     with Backend("id", [bport]), Ringd(tmp_path, conf) as r:
         assert _exchange(port, b"hi", source="127.0.0.1")[0] == f"ID {bport}"
@@ -324,6 +324,38 @@ def test_allow_and_deny_on_the_socket_address(tmp_path, sqpoll):
         assert _refused(port, b"hi", source="127.0.0.2") < QUICK      # denied wins
         assert _refused(port, b"hi", source="127.0.0.4") < QUICK      # not allowed
         wait_for(lambda: _closed_count(r, "web", "denied") == 2, 5, what="denied counted")
+        evs = r.wait_event("access", count=4)
+        denied = sorted(e["client"].split(":")[0] for e in evs if e["end"] == "denied")
+        assert denied == ["127.0.0.2", "127.0.0.4"]
+        assert all(e["server"] in (None, "-", "") for e in evs if e["end"] == "denied"), evs
+
+
+def _greeting(port: int, data: bytes) -> str:
+    s = connect(port, timeout=5)
+    try:
+        s.sendall(data)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(100)
+            assert chunk, buf
+            buf += chunk
+        return buf.partition(b"\n")[0].decode()
+    finally:
+        s.close()
+
+
+def test_hash_balancing_uses_the_proxy_supplied_address(tmp_path):
+    p1, p2, port = free_ports(3)
+    conf = (_listener("edge", port, "app", accept_proxy=True)
+            + upstream("app", [f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"], balance="hash"))
+    with Backend("id", [p1, p2]), Ringd(tmp_path, conf):
+        seen = {}
+        for i in range(12):
+            src = f"192.0.2.{10 + i}"
+            firsts = {_greeting(port, proxy_v2(src=src, sport=1000 + k)) for k in range(3)}
+            assert len(firsts) == 1, (src, firsts)      # one client, one server
+            seen[src] = firsts.pop()
+        assert set(seen.values()) == {f"ID {p1}", f"ID {p2}"}   # and the clients spread
 
 
 def test_allow_and_deny_on_a_proxy_supplied_address(tmp_path):

@@ -40,6 +40,10 @@ def test_every_event_type_has_one_entry():
       "failures": 2}),
     (Event(lib.RINGD_EV_ACCEPT_ERROR, 24, 5, 0, 0), "error", "accept_error",
      {"listener": 5, "error": "EMFILE: Too many open files"}),
+    (Event(lib.RINGD_EV_PROXY_BAD, 0, 0, 10, 3, "192.0.2.1:4000"), "debug",
+     "proxy_header_refused",
+     {"listener": "web", "peer": "192.0.2.1:4000", "count": 3,
+      "reason": "v2: TLV overruns the header or is cut short"}),
 ])
 def test_event_becomes_one_log_line(ev, level, event, fields):
     log = _Log()
