@@ -472,3 +472,62 @@ def test_many_concurrent_routed_clients_keep_their_bytes(tmp_path, backends, sqp
         st = {ls["listener"]: ls for ls in r.status()["listeners"]}["tls"]
         assert st["routes"] == {"api": 10, "wild": 10} and not any(st["refused"].values())
         r.assert_no_traceback()
+
+
+# ------------------------------------------------------------------ corpora through the data path
+
+def _send_all_then_read(port: int, data: bytes) -> bytes | None:
+    """Send data, half-close, read to EOF; None if ringd reset the client."""
+    try:
+        s = connect(port, timeout=10)
+    except ConnectionResetError:
+        return None
+    try:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return recv_all(s)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        except OSError as e:
+            if e.errno == 107:          # ENOTCONN: the reset came before shutdown()
+                return None
+            raise
+    finally:
+        s.close()
+
+
+def test_mutated_client_hellos_through_the_worker(tmp_path, backends):
+    """Truncated and mutated ClientHellos (the parser corpus) through a
+    listener with routes: each reaches a server (a route or the default)
+    with its bytes intact; no worker dies."""
+    from parser_corpus import PX_OK, proxy_corpus, ref_proxy, tls_corpus
+
+    import concurrent.futures as cf
+    a, b, c = backends
+    port = free_ports(1)[0]
+    conf = _routes_conf(port, backends, peek_timeout="2s")
+    corpus = tls_corpus(seed=11, count=400)[::2]
+    with Ringd(tmp_path, conf, workers=2) as r:
+        with cf.ThreadPoolExecutor(8) as ex:
+            for data, got in zip(corpus, ex.map(lambda d: _send_all_then_read(port, d), corpus,
+                                                timeout=120)):
+                assert got is not None, data
+                line, _, rest = got.partition(b"\n")
+                assert line.decode() in (f"ID {a}", f"ID {b}", f"ID {c}") and rest == data
+        st = r.status()
+        assert st["worker_restarts"] == 0 and not any(st["listeners"][0]["refused"].values())
+
+    # PROXY headers: a header the reference parser accepts is served, any
+    # other is refused; nothing else happens
+    pport = free_ports(1)[0]
+    conf = _listener("edge", pport, "dflt", accept_proxy=True, peek_timeout="1s") + \
+        upstream("dflt", [f"127.0.0.1:{c}"])
+    corpus = proxy_corpus(seed=12, count=400)[::2]
+    with Ringd(tmp_path / "proxy", conf, workers=2) as r:
+        with cf.ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda d: _send_all_then_read(pport, d), corpus, timeout=120))
+        for data, got in zip(corpus, results):
+            ok = ref_proxy(data)["result"] == PX_OK
+            assert (got is not None and got.startswith(f"ID {c}\n".encode())) == ok, (data, got)
+        assert r.status()["worker_restarts"] == 0
