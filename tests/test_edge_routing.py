@@ -22,8 +22,9 @@ MODES = pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_t
 QUICK = 1.0     # a decision that needs no wait arrives well within this
 
 
-def _listener(name, port, up=None, routes=(), **opts) -> str:
-    lines = [f'\n[[listener]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\n']
+def _listener(name, port, up=None, routes=(), host="127.0.0.1", **opts) -> str:
+    where = f"[{host}]" if ":" in host else host
+    lines = [f'\n[[listener]]\nname = "{name}"\nlisten = "{where}:{port}"\n']
     if up:
         lines.append(f'upstream = "{up}"\n')
     for k, v in opts.items():
@@ -531,3 +532,23 @@ def test_mutated_client_hellos_through_the_worker(tmp_path, backends):
             ok = ref_proxy(data)["result"] == PX_OK
             assert (got is not None and got.startswith(f"ID {c}\n".encode())) == ok, (data, got)
         assert r.status()["worker_restarts"] == 0
+
+
+def test_allow_and_deny_on_ipv6(tmp_path):
+    bport, p1, p2 = free_ports(3)
+    conf = (_listener("in", p1, "app", host="::1", allow=["::1/128"], deny=["2001:db8::/32"])
+            + _listener("out", p2, "app", host="::1", deny=["::/1"])
+            + upstream("app", [f"127.0.0.1:{bport}"]))
+    with Backend("id", [bport]), Ringd(tmp_path, conf) as r:
+        s = connect(p1, host="::1", timeout=5)
+        s.sendall(b"x")
+        assert s.recv(100).startswith(f"ID {bport}".encode())
+        s.close()
+        s = connect(p2, host="::1", timeout=5)
+        try:
+            s.sendall(b"x")
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+        wait_for(lambda: _closed_count(r, "out", "denied") == 1, 5, what="denied counted")
