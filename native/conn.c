@@ -75,7 +75,7 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     c->sfd = -1;
     c->server = -1;
     c->upstream = lc->upstream;
-    c->src_ref = UINT32_MAX;
+    c->src_ref = SRCLIMIT_REF_NONE;
     for (unsigned i = 0; i < 2; i++) {
         c->d[i].pipe.rfd = c->d[i].pipe.wfd = -1;
         c->d[i].mode = w->cfg->splice_threshold == 0 ? DM_SPLICE : DM_COPY;

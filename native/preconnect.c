@@ -93,7 +93,6 @@ static int proxy_bad(struct worker *w, struct conn *c, uint32_t why)
  */
 static int source_limits(struct worker *w, struct conn *c)
 {
-#ifdef SRCLIMIT_MAGIC
     const struct ringd_listener_cfg *lc = lcfg(w, c);
     uint8_t key[16];
     uint32_t ref = SRCLIMIT_REF_NONE;
@@ -109,11 +108,6 @@ static int source_limits(struct worker *w, struct conn *c)
     if (r == SRCLIMIT_OVER_RATE)
         return -RINGD_END_SOURCE_RATE;
     c->src_ref = ref;
-#else
-    /* built without the per-source table (native/srclimit.c): no limits */
-    (void)w;
-    (void)c;
-#endif
     return PRE_CONNECT;
 }
 
@@ -272,9 +266,7 @@ void pre_release(struct worker *w, struct conn *c)
 void pre_free(struct worker *w, struct conn *c)
 {
     pre_release(w, c);
-#ifdef SRCLIMIT_MAGIC
     if (c->src_ref != SRCLIMIT_REF_NONE && w->cfg->srclimit)
         srclimit_release(w->cfg->srclimit, w->cfg->srclimit_column, c->src_ref);
-#endif
-    c->src_ref = UINT32_MAX;
+    c->src_ref = SRCLIMIT_REF_NONE;
 }

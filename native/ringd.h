@@ -181,7 +181,7 @@ struct conn {
     uint32_t upstream;      /* the listener's upstream, or the one its route chose */
     uint8_t pre_step;       /* enum pre_step */
     struct prelude *pre;    /* the client's first bytes, held for the server; NULL: none */
-    uint32_t src_ref;       /* per-source limit table ref; UINT32_MAX: none */
+    uint32_t src_ref;       /* per-source limit table ref; SRCLIMIT_REF_NONE: none */
 };
 
 /* preconnect.c: bytes read from the client before connecting (a PROXY

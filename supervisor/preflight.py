@@ -37,16 +37,3 @@ def check_buffer_caps(cfg, log) -> None:
                                 hint=f"the kernel caps it at {name}; raise that "
                                      "sysctl to get the configured size")
 
-
-def check_source_limits(cfg, log) -> None:
-    """max_connections_per_source / connection_rate_per_source need the
-    shared per-source table (native/srclimit.c); a build without it admits
-    every connection, which must not pass in silence."""
-    from .native import lib
-    if hasattr(lib, "srclimit_acquire"):
-        return
-    for lst in cfg.listeners:
-        if lst.max_connections_per_source or lst.connection_rate_per_source:
-            log.warning("source_limits_unavailable", listener=lst.name,
-                        hint="this build has no per-source table: max_connections_per_source "
-                             "and connection_rate_per_source are not enforced")

@@ -10,11 +10,8 @@ import pytest
 
 from harness import Backend, Ringd, connect, free_ports, upstream, wait_for
 from parser_corpus import proxy_v2
-from ringd._native import lib
 from test_edge_routing import MODES, QUICK, _closed_count, _listener, _refused, _ring
 
-pytestmark = pytest.mark.skipif(not hasattr(lib, "srclimit_acquire"),
-                                reason="built without the per-source table (native/srclimit.c)")
 
 
 def _open(port: int, source: str = "127.0.0.1", header: bytes = b""):
