@@ -13,7 +13,6 @@ from parser_corpus import proxy_v2
 from test_edge_routing import MODES, QUICK, _closed_count, _listener, _refused, _ring
 
 
-
 def _open(port: int, source: str = "127.0.0.1", header: bytes = b""):
     """A connection that got through to the echo backend (held open)."""
     s = connect(port, timeout=5, source=source)
