@@ -15,10 +15,10 @@ in Python per connection:
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from .config import Config, Listener
+from .srclimit import listener_key
 
 _MASK64 = (1 << 64) - 1
 _V4_MAPPED = 0xFFFF << 32
@@ -85,9 +85,9 @@ def route_table(listener: Listener) -> RouteTable:
 
 
 def source_key(listener: Listener) -> int:
-    """The per-source table key of a listener: a hash of its name, so its
-    counts carry over a reload (same name) and never mix with another's."""
-    return int.from_bytes(hashlib.blake2b(listener.name.encode(), digest_size=8).digest(), "little")
+    """The per-source table key of a listener (ringd.srclimit.listener_key:
+    a hash of its name, so its counts carry over a reload)."""
+    return listener_key(listener.name)
 
 
 def has_policy(listener: Listener) -> bool:
