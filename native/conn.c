@@ -209,26 +209,14 @@ static void conn_connect(struct worker *w, struct conn *c)
     c->inflight += 2;
 }
 
-/* An IPv4 address as a v4-mapped IPv6 one (::ffff:a.b.c.d), same port. */
-static void map_v6(const struct sockaddr *sa, struct sockaddr_in6 *out)
-{
-    const struct sockaddr_in *in = (const void *)sa;
-    memset(out, 0, sizeof(*out));
-    out->sin6_family = AF_INET6;
-    out->sin6_port = in->sin_port;
-    out->sin6_addr.s6_addr[10] = out->sin6_addr.s6_addr[11] = 0xff;
-    memcpy(&out->sin6_addr.s6_addr[12], &in->sin_addr, 4);
-}
-
 /* The PROXY protocol header for the server (proxy_send.c), from the client's
  * address and the address it connected to (both from the PROXY header the
- * client's balancer sent, if it did); one we could not read goes as
- * UNKNOWN (v1) or LOCAL (v2). Mixed families (an IPv6 client through an
- * IPv4 listener) go as IPv6, the IPv4 address v4-mapped, as HAProxy does. */
+ * client's balancer sent, if it did: an IPv6 client that came through an
+ * IPv4 listener keeps its own family on both sides); one we could not read
+ * goes as UNKNOWN (v1) or LOCAL (v2). */
 static void proxy_header(struct conn *c, unsigned version)
 {
     struct sockaddr_storage local;
-    struct sockaddr_in6 m6;
     socklen_t llen = sizeof(local);
     const struct sockaddr *src = c->client_len > 0 ? (const struct sockaddr *)c->client : NULL;
     const struct sockaddr *dst = NULL;
@@ -237,15 +225,6 @@ static void proxy_header(struct conn *c, unsigned version)
         dst = (const struct sockaddr *)c->pre->dst;
     else if (src && getsockname(c->cfd, (struct sockaddr *)&local, &llen) == 0)
         dst = (const struct sockaddr *)&local;
-    if (src && dst && src->sa_family != dst->sa_family) {
-        if (src->sa_family == AF_INET6 && dst->sa_family == AF_INET) {
-            map_v6(dst, &m6);
-            dst = (const struct sockaddr *)&m6;
-        } else if (src->sa_family == AF_INET && dst->sa_family == AF_INET6) {
-            map_v6(src, &m6);
-            src = (const struct sockaddr *)&m6;
-        }
-    }
     c->hdr_len = proxy_send_build(version, src, dst, c->hdr);
     c->hdr_off = 0;
 }
