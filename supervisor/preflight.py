@@ -36,4 +36,3 @@ def check_buffer_caps(cfg, log) -> None:
                                 key=key, configured=want, effective=int(cap),
                                 hint=f"the kernel caps it at {name}; raise that "
                                      "sysctl to get the configured size")
-
