@@ -62,10 +62,15 @@ void event_connect_fail(struct worker *w, int server, int err)
 static void proxy_bad_flush(struct worker *w)
 {
     if (w->pbad_pending && w->now_ms - w->pbad_last_ms >= EVENT_EVERY_MS) {
-        struct ringd_event ev = { .type = RINGD_EV_PROXY_BAD, .a = w->pbad_listener,
-                                  .b = w->pbad_error, .c = w->pbad_pending,
-                                  .peer_len = w->pbad_peer_len };
-        memcpy(ev.peer, w->pbad_peer, sizeof(ev.peer));
+        /* struct ringd_event keeps its layout for good (RINGD_CTRL_VERSION):
+         * the peer's address rides in err, b and c, the rest in a */
+        uint64_t n = w->pbad_pending < 255 ? w->pbad_pending : 255;
+        struct ringd_event ev = { .type = RINGD_EV_PROXY_BAD,
+                                  .a = (w->pbad_listener & 0xffff) | (w->pbad_error & 0xff) << 16 |
+                                       (uint32_t)n << 24 };
+        memcpy(&ev.err, w->pbad_peer, 4);
+        memcpy(&ev.b, w->pbad_peer + 4, 4);
+        memcpy(&ev.c, w->pbad_peer + 8, 8);
         if (w->ctrl_fd >= 0)
             (void)send(w->ctrl_fd, &ev, sizeof(ev), MSG_DONTWAIT | MSG_NOSIGNAL);
         w->pbad_pending = 0;
@@ -78,11 +83,21 @@ static void proxy_bad_flush(struct worker *w)
 void event_proxy_bad(struct worker *w, uint32_t li, uint32_t error, const uint8_t *peer,
                      uint32_t peer_len)
 {
+    sa_family_t family = 0;
+
     w->pbad_pending++;
     w->pbad_listener = li;
     w->pbad_error = error;
-    w->pbad_peer_len = peer_len <= RINGD_ADDR_MAX ? peer_len : 0;
-    memcpy(w->pbad_peer, peer, w->pbad_peer_len);
+    /* the 16-byte address (IPv4 as ::ffff:a.b.c.d), or zeros */
+    memset(w->pbad_peer, 0, sizeof(w->pbad_peer));
+    if (peer_len >= sizeof(family))
+        memcpy(&family, peer, sizeof(family));
+    if (family == AF_INET && peer_len >= sizeof(struct sockaddr_in)) {
+        w->pbad_peer[10] = w->pbad_peer[11] = 0xff;
+        memcpy(w->pbad_peer + 12, peer + offsetof(struct sockaddr_in, sin_addr), 4);
+    } else if (family == AF_INET6 && peer_len >= sizeof(struct sockaddr_in6)) {
+        memcpy(w->pbad_peer, peer + offsetof(struct sockaddr_in6, sin6_addr), 16);
+    }
     proxy_bad_flush(w);
 }
 

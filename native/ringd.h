@@ -330,8 +330,7 @@ struct worker {
     uint64_t pbad_pending;
     uint64_t pbad_last_ms;
     uint32_t pbad_listener, pbad_error;
-    uint8_t pbad_peer[RINGD_ADDR_MAX];
-    uint32_t pbad_peer_len;
+    uint8_t pbad_peer[16];  /* IPv6, or IPv4 as ::ffff:a.b.c.d */
 };
 
 /* ------------------------------------------------------------ the files

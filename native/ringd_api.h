@@ -104,8 +104,10 @@
 #define RINGD_EV_ACCEPT_ERROR 11   /* a: listener, err: errno (not a pause) */
 #define RINGD_EV_ORPHANED 12       /* the master went away; draining */
 #define RINGD_EV_ACCEPT_STOPPED 13 /* draining: no accept armed any more, listener fds closed */
-#define RINGD_EV_PROXY_BAD 14      /* a: listener, b: RINGD_PROXY_E_* (0: untrusted, 100: timeout or EOF),
-                                      c: bad headers since the last event, peer: the last one's */
+#define RINGD_EV_PROXY_BAD 14      /* a: listener (bits 0-15), why (16-23: RINGD_PROXY_E_*, 0 untrusted
+                                      peer, 99 not PROXY, 100 late or EOF), refusals since the last
+                                      event (24-31, at most 255); err, b, c: the 16 bytes of the
+                                      last one's peer address (IPv4 as ::ffff:a.b.c.d), in that order */
 
 struct ringd_cmd {
     uint32_t cmd;
@@ -118,8 +120,6 @@ struct ringd_event {
     uint32_t a;
     uint32_t b;
     uint64_t c;
-    uint8_t peer[28];          /* RINGD_EV_PROXY_BAD: sockaddr of the peer, else zero */
-    uint32_t peer_len;
 };
 
 /* --------------------------------------------------------------- shm */

@@ -8,6 +8,7 @@ numbers, so the C header stays the single source of truth.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import mmap
 import os
 import socket
@@ -437,8 +438,18 @@ def decode_event(data: bytes) -> Event | None:
     if len(data) < EVENT_SIZE:
         return None
     ev = ffi.from_buffer("struct ringd_event *", bytearray(data[:EVENT_SIZE]))
-    peer = sockaddr_text(bytes(ffi.buffer(ev.peer)), ev.peer_len) if ev.peer_len else ""
-    return Event(ev.type, ev.err, ev.a, ev.b, ev.c, peer)
+    if ev.type == lib.RINGD_EV_PROXY_BAD:
+        return proxy_bad_event(ev.a, ev.err, ev.b, ev.c)
+    return Event(ev.type, ev.err, ev.a, ev.b, ev.c)
+
+
+def proxy_bad_event(a: int, err: int, b: int, c: int) -> Event:
+    """RINGD_EV_PROXY_BAD as the worker packs it (ringd_api.h) ->
+    Event(a=listener, b=why, c=refusals since the last, peer="ip")."""
+    raw = struct.pack("=iIQ", err, b, c)
+    ip = ipaddress.IPv6Address(raw)
+    peer = str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
+    return Event(lib.RINGD_EV_PROXY_BAD, 0, a & 0xFFFF, (a >> 16) & 0xFF, a >> 24, peer)
 
 
 # RINGD_EV_PROXY_BAD b -> what was wrong with the header

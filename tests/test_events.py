@@ -2,13 +2,14 @@
 what the master makes of an event (its log line, its state change)."""
 from __future__ import annotations
 
+import struct
 from types import SimpleNamespace
 
 import pytest
 
 from ringd import config as config_mod
 from ringd.events import EVENTS, WorkerEvents
-from ringd.native import Event, lib, server_table
+from ringd.native import Event, lib, proxy_bad_event, server_table
 
 
 class _Log:
@@ -40,9 +41,11 @@ def test_every_event_type_has_one_entry():
       "failures": 2}),
     (Event(lib.RINGD_EV_ACCEPT_ERROR, 24, 5, 0, 0), "error", "accept_error",
      {"listener": 5, "error": "EMFILE: Too many open files"}),
-    (Event(lib.RINGD_EV_PROXY_BAD, 0, 0, 10, 3, "192.0.2.1:4000"), "debug",
+    (proxy_bad_event(0 | 10 << 16 | 3 << 24,
+                     *struct.unpack("=iIQ", bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1]))),
+     "debug",
      "proxy_header_refused",
-     {"listener": "web", "peer": "192.0.2.1:4000", "count": 3,
+     {"listener": "web", "peer": "192.0.2.1", "count": 3,
       "reason": "v2: TLV overruns the header or is cut short"}),
 ])
 def test_event_becomes_one_log_line(ev, level, event, fields):
