@@ -271,6 +271,13 @@ void bufring_decay(struct worker *w)
     w->br_decay_ms = w->now_ms;
 }
 
+/* Nothing left for the tick to do here: the target is back at its start
+ * and no retraction or waiting recv is pending. */
+bool bufring_at_rest(const struct worker *w)
+{
+    return !w->br || (w->br_target <= BR_TARGET_START && !w->br_retract && w->br_nwait == 0);
+}
+
 static int cmp_u16(const void *a, const void *b)
 {
     return (int)*(const uint16_t *)a - (int)*(const uint16_t *)b;

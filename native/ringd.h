@@ -302,8 +302,11 @@ struct worker {
     struct ringd_cmd ctrl_buf[4];
     bool ctrl_armed;
 
-    /* timer */
+    /* timer (worker.c): the tick is the timeout of the loop's wait where
+     * the kernel has IORING_FEAT_EXT_ARG (tick_wait), else a timeout SQE */
     struct __kernel_timespec tick_ts;
+    bool tick_wait;
+    uint64_t tick_last_ms;
 
     uint64_t now_ms;
     bool draining;
@@ -428,6 +431,7 @@ void bufring_wait(struct worker *w, uint64_t token);
 uint32_t bufring_service(struct worker *w, uint64_t **waiters);
 void bufring_decay(struct worker *w);
 bool bufring_trim(struct worker *w, bool idle);
+bool bufring_at_rest(const struct worker *w);
 bool bufring_retract_begin(struct worker *w);
 void bufring_retract_end(struct worker *w);
 

@@ -339,6 +339,7 @@ struct ringd_worker_cfg {
     uint32_t pipe_pool;
     uint32_t copy_buffer_size;
     uint32_t orphan_drain_ms;  /* drain deadline when the master vanishes */
+    uint32_t heartbeat_ms;     /* an idle worker's longest sleep between heartbeats */
     uint64_t splice_threshold; /* bytes a direction copies before it splices */
     uint32_t notsent_lowat;    /* TCP_NOTSENT_LOWAT of both sockets, 0 = kernel default */
     uint32_t test_hooks;       /* 1: SIGUSR2 makes the loop stall (watchdog tests) */

@@ -4,7 +4,19 @@
  * The loop is: submit what is queued and wait for at least one completion,
  * handle every completion that is ready, advance the CQ once. Everything
  * periodic (heartbeat, idle timeouts, resuming a paused accept, the drain
- * deadline) hangs off one timer completion every RINGD_TICK_MS.
+ * deadline, giving memory back) hangs off one tick, every RINGD_TICK_MS
+ * while any of it has something to do.
+ *
+ * The tick costs nothing in the ring: where the kernel has
+ * IORING_FEAT_EXT_ARG (5.11+) it is the timeout of the wait itself
+ * (io_uring_submit_and_wait_timeout), so an idle worker submits no SQE and
+ * an SQPOLL poller that went to sleep stays asleep. (A timeout SQE every
+ * 100 ms woke the poller ten times a second, and each time it spun for
+ * sq_thread_idle: 0.13 CPU-s per second per idle worker.) A worker with
+ * nothing to watch (no connection, no paused accept, no drain, nothing to
+ * trim or flush) wakes only for the heartbeat the master's watchdog reads,
+ * every heartbeat_ms (the master derives it from watchdog_timeout). Older
+ * kernels get the timeout SQE every RINGD_TICK_MS, as before.
  *
  * The drain lifecycle lives here too: the master's commands (drain, stop,
  * poke; control.c decodes them), draining on its own when the master is
@@ -40,6 +52,8 @@ static void on_sigusr2(int sig)
 
 static void tick_arm(struct worker *w)
 {
+    if (w->tick_wait)
+        return;     /* the loop's wait times out instead */
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_timeout(sqe, &w->tick_ts, 0, 0);
     io_uring_sqe_set_data64(sqe, ud_make(OP_TICK, 0, 0, 0));
@@ -125,6 +139,7 @@ static void idle_trim(struct worker *w)
 
 static void on_tick(struct worker *w)
 {
+    w->tick_last_ms = w->now_ms;
     bufring_decay(w);
     idle_trim(w);
     w->cfg->shm->heartbeat++;
@@ -141,6 +156,36 @@ static void on_tick(struct worker *w)
     }
     events_tick(w);
     tick_arm(w);
+}
+
+/* Whether the next tick has work to do before the heartbeat is due: what
+ * on_tick watches, each part asked whether it is at rest. */
+static bool tick_needed(const struct worker *w)
+{
+    if (w->active > 0 || w->draining || w->stopping || w->trim_due || w->cfail_pending)
+        return true;
+    for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
+        if (w->ls[li].paused)
+            return true;
+    return !bufring_at_rest(w);
+}
+
+/* The loop's wait with the tick as its timeout (tick_wait). Returns what
+ * io_uring_submit_and_wait_timeout returns (-ETIME: the tick is due). */
+static int wait_with_tick(struct worker *w)
+{
+    uint64_t period = RINGD_TICK_MS;
+    struct io_uring_cqe *cqe;
+
+    if (!tick_needed(w) && w->cfg->heartbeat_ms > period)
+        period = w->cfg->heartbeat_ms;
+    uint64_t due = w->tick_last_ms + period;
+    uint64_t left = due > w->now_ms ? due - w->now_ms : 0;
+    struct __kernel_timespec ts = {
+        .tv_sec = (long long)(left / 1000),
+        .tv_nsec = (long long)(left % 1000) * 1000000,
+    };
+    return io_uring_submit_and_wait_timeout(&w->ring, &cqe, 1, &ts, NULL);
 }
 
 /* ------------------------------------------------------------ drain lifecycle */
@@ -440,6 +485,9 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     /* copy path: provided buffers where the kernel has them (5.19+) */
     cfg->shm->copy_mode = bufring_setup(&w) == 0 ? 1 : 2;
 
+    /* the tick as the wait's timeout needs IORING_FEAT_EXT_ARG (5.11) */
+    w.tick_wait = (w.ring.features & IORING_FEAT_EXT_ARG) != 0;
+    w.tick_last_ms = w.now_ms;
     ctrl_arm(&w);
     tick_arm(&w);
     for (uint32_t li = 0; li < cfg->nlisteners; li++)
@@ -455,7 +503,7 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     event_send(&w, RINGD_EV_READY, 0, w.ring_mode, w.ring_flags, 0);
 
     while (!w.exit_loop) {
-        ret = io_uring_submit_and_wait(&w.ring, 1);
+        ret = w.tick_wait ? wait_with_tick(&w) : io_uring_submit_and_wait(&w.ring, 1);
         if (stall_requested) {
             /* test hook: behave like a wedged loop (no heartbeat, no I/O) */
             for (;;)
@@ -468,6 +516,9 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
         w.now_ms = mono_ms();
 
         reap_once(&w);
+        if (w.tick_wait && w.now_ms - w.tick_last_ms >= RINGD_TICK_MS &&
+            (tick_needed(&w) || w.now_ms - w.tick_last_ms >= w.cfg->heartbeat_ms))
+            on_tick(&w);
         retry_recvs(&w);
         if (w.br_retract)
             retract_buffers(&w);

@@ -40,7 +40,8 @@ from .generation import Generation, WorkerProc
 from .handover import ADOPT_QUIET, SocketHandover
 from .lameduck import DRAINING, LameDuck
 from .listeners import BindError, ListenerSockets, bind_hint, raise_nofile
-from .native import EVENT_SIZE, decode_event, encode_cmd, lib, plan_cpus, sqpoll_wanted
+from .native import (EVENT_SIZE, WATCHDOG_PERIOD, decode_event, encode_cmd, lib, plan_cpus,
+                     sqpoll_wanted)
 from .status import collect as collect_status
 from .upgrade import SIGNALS, Upgrades
 
@@ -49,7 +50,6 @@ STOP_GRACE = 1.5            # fast stop: SIGKILL whatever is left after this
 KILL_AFTER_DRAIN = 5.0      # drain: SIGKILL this long past the deadline
 ABORT_GRACE = 5.0           # watchdog: SIGKILL this long after a SIGABRT that did not end it
 ABORT_GRACE_DUMPING = 60.0  # ... unless it is still writing its core dump
-WATCHDOG_PERIOD = 0.5
 STABLE_AFTER = 10.0         # a worker up this long resets its slot's crash count
 HOLD_BACK_AFTER = 5         # consecutive crashes before we call a slot held back
 RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up

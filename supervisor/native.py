@@ -53,6 +53,23 @@ EVENT_SIZE = ffi.sizeof("struct ringd_event")
 CMD_SIZE = ffi.sizeof("struct ringd_cmd")
 _ALIGN = 64
 DEFAULT_LOG_RECORDS = 4096
+WATCHDOG_PERIOD = 0.5       # the master reads every worker's heartbeat this often
+HEARTBEAT_IDLE_MAX = 1.0    # an idle worker's heartbeat comes at least this often
+
+
+def idle_heartbeat_ms(watchdog_timeout: float) -> int:
+    """How long a worker with nothing to watch may sleep between heartbeats.
+
+    The master notices a beat up to WATCHDOG_PERIOD late, so a worker that
+    beats every (watchdog_timeout - WATCHDOG_PERIOD) / 4 is seen alive at
+    least four times per watchdog_timeout. Never below the 100 ms tick, never
+    above HEARTBEAT_IDLE_MAX (the heartbeat is also a liveness figure in
+    `ringd status` and the metrics); a disabled watchdog ("0s") gets the
+    maximum."""
+    period = HEARTBEAT_IDLE_MAX
+    if watchdog_timeout > 0:
+        period = min(period, (watchdog_timeout - WATCHDOG_PERIOD) / 4)
+    return int(max(period, 0.1) * 1000)
 
 
 def _align(n: int) -> int:
@@ -356,6 +373,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
     cfg.splice_threshold = min(ring.splice_threshold, (1 << 64) - 1)
     cfg.notsent_lowat = ring.notsent_lowat
     cfg.orphan_drain_ms = int(min(config.ringd.drain_timeout, 3.0) * 1000)
+    cfg.heartbeat_ms = idle_heartbeat_ms(config.ringd.watchdog_timeout)
     cfg.test_hooks = 1 if test_hooks else 0
     cfg.nlisteners = nl
     cfg.nupstreams = len(config.upstreams)
