@@ -604,6 +604,38 @@ def test_notsent_lowat_on_both_sockets(tmp_path, lowat):
                                                    "server": other}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd on another process needs root")
+@pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
+def test_server_socket_options_in_both_ring_modes(tmp_path, sqpoll):
+    """Every socket to a server gets TCP_NODELAY and [ring] notsent_lowat
+    (through the ring where the kernel takes setsockopt as a command, 6.7+;
+    with SQPOLL the poller reads the value later, so it must outlive the
+    call), and rcvbuf/sndbuf before its SYN."""
+    bport, port = free_ports(2)
+    conf = (f"[ring]\nsqpoll = {str(sqpoll).lower()}\nnotsent_lowat = 65536\n"
+            + listener("web", port, "app")
+            + upstream("app", [f"127.0.0.1:{bport}"], rcvbuf=131072))
+    with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=1) as r:
+        for _ in range(3):      # not only the first connection of the worker
+            with connect(port) as c:
+                c.sendall(b"ping")
+                assert c.recv(16) == b"ping"
+                [pid] = r.worker_pids()
+                found = []
+                for s in _worker_sockets(pid):
+                    with s:
+                        try:
+                            peer = s.getpeername()[1]
+                        except OSError:
+                            continue
+                        if peer == bport:
+                            found.append((s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+                                          s.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT),
+                                          s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)))
+                assert found == [(True, 65536, 2 * 131072)], found
+        r.assert_no_traceback()
+
+
 def _lowats(r, port: int, bport: int, gen: int | None = None) -> dict:
     """TCP_NOTSENT_LOWAT of a worker's listening socket and of both sockets of
     a fresh connection through it."""
