@@ -60,9 +60,10 @@ HEARTBEAT_IDLE_MAX = 1.0    # an idle worker's heartbeat comes at least this oft
 def idle_heartbeat_ms(watchdog_timeout: float) -> int:
     """How long a worker with nothing to watch may sleep between heartbeats.
 
-    The master notices a beat up to WATCHDOG_PERIOD late, so a worker that
-    beats every (watchdog_timeout - WATCHDOG_PERIOD) / 4 is seen alive at
-    least four times per watchdog_timeout. Never below the 100 ms tick, never
+    The master notices a beat up to WATCHDOG_PERIOD late: a worker beating
+    every (watchdog_timeout - WATCHDOG_PERIOD) / 4 is seen moving at least
+    every quarter of the time left after that delay, so three late or
+    skipped beats in a row are still no stall. Never below the 100 ms tick, never
     above HEARTBEAT_IDLE_MAX (the heartbeat is also a liveness figure in
     `ringd status` and the metrics); a disabled watchdog ("0s") gets the
     maximum."""
