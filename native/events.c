@@ -106,3 +106,10 @@ void events_tick(struct worker *w)
     connect_fail_flush(w);
     proxy_bad_flush(w);
 }
+
+/* Rate-limited events held back that a tick must still send (worker.c
+ * keeps ticking while there are). */
+bool events_pending(const struct worker *w)
+{
+    return w->cfail_pending || w->pbad_pending;
+}

@@ -452,6 +452,7 @@ void event_connect_fail(struct worker *w, int server, int err);
 void event_proxy_bad(struct worker *w, uint32_t li, uint32_t error, const uint8_t *peer,
                      uint32_t peer_len);
 void events_tick(struct worker *w);
+bool events_pending(const struct worker *w);
 
 /* ring.c */
 int ring_setup(struct worker *w);

@@ -162,7 +162,7 @@ static void on_tick(struct worker *w)
  * on_tick watches, each part asked whether it is at rest. */
 static bool tick_needed(const struct worker *w)
 {
-    if (w->active > 0 || w->draining || w->stopping || w->trim_due || w->cfail_pending)
+    if (w->active > 0 || w->draining || w->stopping || w->trim_due || events_pending(w))
         return true;
     for (uint32_t li = 0; li < w->cfg->nlisteners; li++)
         if (w->ls[li].paused)
