@@ -192,15 +192,11 @@ static void conn_connect(struct worker *w, struct conn *c)
             listener_pause(w, c->listener, err);
         return;
     }
-    /* buffer sizes before the SYN (they set its window scale), as plain
-     * calls; the two options every connection gets go in front of the
-     * connect through the ring where the kernel can (ring.c, sock_setopt) */
-    static const int one = 1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     set_opt(fd, SOL_SOCKET, SO_RCVBUF, up->rcvbuf);
     set_opt(fd, SOL_SOCKET, SO_SNDBUF, up->sndbuf);
-    sock_setopt(w, fd, IPPROTO_TCP, TCP_NODELAY, &one);
-    if (w->cfg->notsent_lowat)
-        sock_setopt(w, fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, (const int *)&w->cfg->notsent_lowat);
+    set_opt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, w->cfg->notsent_lowat);
     c->sfd = fd;
 
     struct io_uring_sqe *sqe = get_sqe(w);

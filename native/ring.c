@@ -7,19 +7,6 @@
 #include <errno.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
-
-/* setsockopt as an io_uring command (IORING_OP_URING_CMD on a socket,
- * kernel 6.7). liburing 2.3's headers predate it: the command number is the
- * kernel's (enum io_uring_socket_op), and its arguments sit where newer
- * headers name them (level/optname over addr, optlen over splice_fd_in,
- * optval over addr3). ring_probe_sockopt decides at run time. */
-#ifndef SOCKET_URING_OP_SETSOCKOPT
-#define SOCKET_URING_OP_SETSOCKOPT 3
-#endif
 
 #ifndef RINGD_LIBURING_MAJOR
 #define RINGD_LIBURING_MAJOR 2
@@ -127,61 +114,6 @@ void sqe_cancel(struct worker *w, uint64_t target)
     struct io_uring_sqe *sqe = get_sqe(w);
     io_uring_prep_cancel64(sqe, target, 0);
     io_uring_sqe_set_data64(sqe, ud_make(OP_CANCEL, 0, 0, 0));
-    sqe_quiet(w, sqe);
-}
-
-static void prep_setsockopt(struct io_uring_sqe *sqe, int fd, int level, int name, const int *val)
-{
-    io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
-    sqe->cmd_op = SOCKET_URING_OP_SETSOCKOPT;
-    sqe->addr = (uint64_t)(uint32_t)level | (uint64_t)(uint32_t)name << 32;
-    sqe->splice_fd_in = (int32_t)sizeof(int);
-    sqe->addr3 = (uint64_t)(uintptr_t)val;
-}
-
-/*
- * Whether this kernel takes setsockopt through the ring: one TCP_NODELAY on
- * a throwaway socket, submitted and waited for on the fresh ring (before
- * anything else is in flight), then read back. Older kernels answer
- * -EOPNOTSUPP (sockets without uring_cmd, or 6.6 with only SIOCINQ/OUTQ) or
- * -EINVAL (no IORING_OP_URING_CMD).
- */
-bool ring_probe_sockopt(struct worker *w)
-{
-    static const int one = 1;
-    struct io_uring_cqe *cqe;
-    bool ok = false;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-    if (fd < 0)
-        return false;
-    struct io_uring_sqe *sqe = get_sqe(w);
-    prep_setsockopt(sqe, fd, IPPROTO_TCP, TCP_NODELAY, &one);
-    io_uring_sqe_set_data64(sqe, ud_make(OP_NOP, 0, 0, 0));
-    if (io_uring_submit_and_wait(&w->ring, 1) >= 0 && io_uring_peek_cqe(&w->ring, &cqe) == 0) {
-        ok = cqe->res == 0;
-        io_uring_cqe_seen(&w->ring, cqe);
-    }
-    int v = 0;
-    socklen_t len = sizeof(v);
-    ok = ok && getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &v, &len) == 0 && v == 1;
-    close(fd);
-    return ok;
-}
-
-/* An int socket option: through the ring where the kernel has it (quiet: a
- * completion only if it fails, and that one needs no handling, as a failed
- * setsockopt(2) here never did), else setsockopt(2). *val must outlive the
- * submission (SQPOLL reads it later): a static or the config. */
-void sock_setopt(struct worker *w, int fd, int level, int name, const int *val)
-{
-    if (!w->ring_sockopt) {
-        setsockopt(fd, level, name, val, sizeof(*val));
-        return;
-    }
-    struct io_uring_sqe *sqe = get_sqe(w);
-    prep_setsockopt(sqe, fd, level, name, val);
-    io_uring_sqe_set_data64(sqe, ud_make(OP_NOP, 0, 0, 0));
     sqe_quiet(w, sqe);
 }
 

@@ -233,7 +233,6 @@ struct worker {
     bool ring_ok;
     uint32_t ring_mode, ring_flags;
     bool cqe_skip;          /* IOSQE_CQE_SKIP_SUCCESS works (5.17+, IORING_FEAT_CQE_SKIP) */
-    bool ring_sockopt;      /* setsockopt through the ring works (6.7+, ring_probe_sockopt) */
 
     struct conn *conns;
     uint32_t nconns;
@@ -459,8 +458,6 @@ int ring_setup(struct worker *w);
 struct io_uring_sqe *get_sqe(struct worker *w);
 void sqe_quiet(struct worker *w, struct io_uring_sqe *sqe);
 void sqe_cancel(struct worker *w, uint64_t target);
-bool ring_probe_sockopt(struct worker *w);
-void sock_setopt(struct worker *w, int fd, int level, int name, const int *val);
 uint64_t mono_ms(void);
 uint64_t mono_us(void);
 uint64_t real_ns(void);

@@ -482,9 +482,6 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     }
     cfg->shm->ring_mode = w.ring_mode;
     cfg->shm->ring_flags = w.ring_flags;
-    /* the upstream socket's options through the ring (6.7+): before
-     * anything else is submitted, the probe waits for its own completion */
-    w.ring_sockopt = ring_probe_sockopt(&w);
     /* copy path: provided buffers where the kernel has them (5.19+) */
     cfg->shm->copy_mode = bufring_setup(&w) == 0 ? 1 : 2;
 

@@ -607,10 +607,8 @@ def test_notsent_lowat_on_both_sockets(tmp_path, lowat):
 @pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd on another process needs root")
 @pytest.mark.parametrize("sqpoll", [True, False], ids=["sqpoll", "defer_taskrun"])
 def test_server_socket_options_in_both_ring_modes(tmp_path, sqpoll):
-    """Every socket to a server gets TCP_NODELAY and [ring] notsent_lowat
-    (through the ring where the kernel takes setsockopt as a command, 6.7+;
-    with SQPOLL the poller reads the value later, so it must outlive the
-    call), and rcvbuf/sndbuf before its SYN."""
+    """Every socket to a server gets TCP_NODELAY and [ring] notsent_lowat,
+    and rcvbuf/sndbuf before its SYN, in both ring modes."""
     bport, port = free_ports(2)
     conf = (f"[ring]\nsqpoll = {str(sqpoll).lower()}\nnotsent_lowat = 65536\n"
             + listener("web", port, "app")
