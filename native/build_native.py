@@ -10,8 +10,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["ring.c", "listener.c", "conn.c", "forward.c", "idle.c", "writable.c", "pipes.c", "bufring.c",
-           "balance.c", "control.c", "events.c", "worker.c", "tls_hello.c", "proxy_recv.c",
-           "proxy_send.c", "srclimit.c", "policy.c", "preconnect.c"]
+           "balance.c", "control.c", "handover.c", "events.c", "worker.c", "tls_hello.c",
+           "proxy_recv.c", "proxy_send.c", "srclimit.c", "policy.c", "preconnect.c"]
 
 
 def _liburing_version():

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 static void conn_connect(struct worker *w, struct conn *c);
+static void conn_forward(struct worker *w, struct conn *c);
 static void conn_preconnect(struct worker *w, struct conn *c);
 static void pre_verdict(struct worker *w, struct conn *c, int verdict);
 static void send_first(struct worker *w, struct conn *c);
@@ -43,11 +44,11 @@ static void set_opt(int fd, int level, int name, uint32_t value)
 
 /* ------------------------------------------------------------ start */
 
-void conn_start(struct worker *w, uint32_t li, int cfd)
+/* A free slot of the table, reset for a connection of listener li (sockets
+ * and pipes none, no server yet); NULL if the table is full. */
+struct conn *conn_alloc(struct worker *w, uint32_t li)
 {
     const struct ringd_listener_cfg *lc = &w->cfg->listeners[li];
-    struct ringd_listener_stats *st = &w->cfg->lstats[li];
-
     struct conn *c;
     if (w->free_head != UINT32_MAX) {
         c = &w->conns[w->free_head];
@@ -59,11 +60,7 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
         w->cfg->shm->conn_slots = w->high_water;
         note_growth(w);
     } else {
-        /* more completions than max_connections + slack: cannot track it */
-        st->accepted++;
-        st->closed[RINGD_END_RESOURCE]++;
-        close(cfd);
-        return;
+        return NULL;
     }
 
     uint32_t gen = (c->gen + 1) & 0x7fffff;
@@ -71,7 +68,7 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
     c->gen = gen;
     c->state = CS_ACCEPTED;
     c->listener = (uint16_t)li;
-    c->cfd = cfd;
+    c->cfd = -1;
     c->sfd = -1;
     c->server = -1;
     c->upstream = lc->upstream;
@@ -80,6 +77,31 @@ void conn_start(struct worker *w, uint32_t li, int cfd)
         c->d[i].pipe.rfd = c->d[i].pipe.wfd = -1;
         c->d[i].mode = w->cfg->splice_threshold == 0 ? DM_SPLICE : DM_COPY;
     }
+    return c;
+}
+
+/* The slot goes back on the free list (its fds and counts are settled). */
+void conn_release_slot(struct worker *w, struct conn *c)
+{
+    c->state = CS_FREE;
+    c->next_free = w->free_head;
+    w->free_head = conn_slot(w, c);
+}
+
+void conn_start(struct worker *w, uint32_t li, int cfd)
+{
+    const struct ringd_listener_cfg *lc = &w->cfg->listeners[li];
+    struct ringd_listener_stats *st = &w->cfg->lstats[li];
+
+    struct conn *c = conn_alloc(w, li);
+    if (!c) {
+        /* more completions than max_connections + slack: cannot track it */
+        st->accepted++;
+        st->closed[RINGD_END_RESOURCE]++;
+        close(cfd);
+        return;
+    }
+    c->cfd = cfd;
     c->start_ns = real_ns();
     c->start_mono_us = mono_us();
     set_opt(cfd, SOL_SOCKET, SO_RCVBUF, lc->rcvbuf);
@@ -133,7 +155,7 @@ static void pre_verdict(struct worker *w, struct conn *c, int verdict)
 /* ------------------------------------------------------------ connect */
 
 /* (Un)count this connection in its server's active connections, once. */
-static void srv_count(struct worker *w, struct conn *c, bool on)
+void conn_count_server(struct worker *w, struct conn *c, bool on)
 {
     if (c->server < 0 || (bool)c->srv_counted == on)
         return;
@@ -209,6 +231,17 @@ static void conn_connect(struct worker *w, struct conn *c)
     c->inflight += 2;
 }
 
+/* Connected (and the PROXY header sent): forwarding starts. A connection
+ * that gets there while the worker drains moves to the new generation like
+ * the others did when the drain began (handover.c; it does nothing unless
+ * there is a new worker to move to). */
+static void conn_forward(struct worker *w, struct conn *c)
+{
+    forward_start(w, c);
+    if (w->draining && c->state == CS_FORWARDING)
+        handover_offer(w, c);
+}
+
 /* The PROXY protocol header for the server (proxy_send.c), from the client's
  * address and the address it connected to (both from the PROXY header the
  * client's balancer sent, if it did: an IPv6 client that came through an
@@ -266,7 +299,7 @@ static void on_connect(struct worker *w, struct conn *c, int res)
     if (err == ETIMEDOUT)
         st->connect_timeouts++;
     c->err = err;
-    srv_count(w, c, false);
+    conn_count_server(w, c, false);
     server_connect_failed(w, c->server, err);
     close(c->sfd);
     c->sfd = -1;
@@ -304,7 +337,7 @@ static void send_first(struct worker *w, struct conn *c)
 
     if (!p || p->off >= p->len) {
         pre_release(w, c);
-        forward_start(w, c);
+        conn_forward(w, c);
         return;
     }
     c->state = CS_HEADER;
@@ -375,6 +408,8 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
     }
     if (c->state == CS_CLOSING)
         conn_maybe_free(w, c);
+    else if (c->state == CS_MOVING && c->inflight == 0)
+        handover_quiesced(w, c);
 }
 
 /* ------------------------------------------------------------ close */
@@ -403,6 +438,14 @@ void conn_close(struct worker *w, struct conn *c, int reason, int err)
 {
     if (c->state == CS_CLOSING || c->state == CS_FREE)
         return;
+    if (c->state == CS_HANDED || c->state == CS_ADOPTED) {
+        /* (stop, drain deadline) whose it is, is being settled with the
+         * other worker: let go of our copies without touching the sockets */
+        handover_dropped(w, c, true);
+        return;
+    }
+    if (c->state == CS_MOVING)
+        handover_dropped(w, c, false);    /* still ours: closed like any other */
     bool natural = end_is_natural(reason);
     enum conn_state was = (enum conn_state)c->state;
 
@@ -508,7 +551,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
     sqe_close(w, c->cfd);
     if (c->sfd >= 0)
         sqe_close(w, c->sfd);
-    srv_count(w, c, false);
+    conn_count_server(w, c, false);
     st->closed[c->end_reason]++;
     st->active--;
     w->active--;
@@ -518,9 +561,7 @@ static void conn_maybe_free(struct worker *w, struct conn *c)
         w->trim_due = true;     /* everything pooled is surplus now */
     access_log(w, c);
 
-    c->state = CS_FREE;
-    c->next_free = w->free_head;
-    w->free_head = conn_slot(w, c);
+    conn_release_slot(w, c);
     listener_maybe_resume(w, c->listener);
 }
 

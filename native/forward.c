@@ -504,11 +504,75 @@ void forward_start(struct worker *w, struct conn *c)
     dir_read(w, c, 1);
 }
 
+/* A completion while the connection is being quiesced for a handover
+ * (CS_MOVING: forward_quiesce cancelled its ops). Nothing new is started;
+ * what the op did is kept: bytes a recv got before the cancel landed stay in
+ * the buffer, bytes a send wrote are counted, a FIN a recv saw is noted. */
+static void quiesce_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe)
+{
+    unsigned i = ud_dir(cqe->user_data);
+    struct dir *d = &c->d[i];
+    int res = cqe->res;
+    bool benign = res == -ECANCELED || res == -EAGAIN || res == -EINTR || res == -ENOBUFS;
+
+    switch (ud_op(cqe->user_data)) {
+    case OP_POLL_IN:
+        d->flags &= ~(DF_IN_BUSY | DF_BARE_POLL);
+        break;
+    case OP_POLL_OUT:
+        d->flags &= ~DF_OUT_BUSY;
+        if (res > 0 && !(res & POLLOUT) && (res & (POLLRDHUP | POLLHUP)))
+            d->flags |= DF_NO_POLLOUT;
+        break;
+    case OP_RECV:
+        d->flags &= ~DF_IN_BUSY;
+        if (cqe->flags & IORING_CQE_F_BUFFER) {
+            d->bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+            d->buf = bufring_addr(w, d->bid);
+            bufring_consumed(w, d->bid);
+        }
+        if (res > 0) {
+            d->buf_len = (uint32_t)res;
+            d->buf_off = 0;
+            d->bytes += (uint64_t)res;
+            if ((uint32_t)res == w->cfg->copy_buffer_size) {
+                d->flags |= DF_FULL_READ;
+                d->flags &= ~DF_POLL_FIRST;
+            } else {
+                d->flags &= ~DF_FULL_READ;
+                d->flags |= DF_POLL_FIRST;
+            }
+        } else if (res == 0) {
+            d->flags |= DF_EOF;
+        } else if (!benign && !c->err) {
+            c->err = -res;
+        }
+        return;
+    case OP_SEND:
+        d->flags &= ~DF_OUT_BUSY;
+        if (res > 0) {
+            d->buf_off += (uint32_t)res;
+            count_bytes(w, c, i, (uint32_t)res, false);
+        } else if (res < 0 && !benign && !c->err) {
+            c->err = -res;
+        }
+        return;
+    default:
+        return;
+    }
+    if (res < 0 && !benign && !c->err)
+        c->err = -res;
+}
+
 /* A completion of one of the directions' ops. */
 void forward_on_cqe(struct worker *w, struct conn *c, struct io_uring_cqe *cqe)
 {
     unsigned i = ud_dir(cqe->user_data);
 
+    if (c->state == CS_MOVING) {
+        quiesce_cqe(w, c, cqe);
+        return;
+    }
     switch (ud_op(cqe->user_data)) {
     case OP_POLL_IN:
         on_poll_in(w, c, i, cqe->res);
@@ -551,5 +615,111 @@ void forward_release(struct worker *w, struct conn *c)
     for (unsigned i = 0; i < 2; i++) {
         pipe_put(w, &c->d[i].pipe, c->d[i].in_pipe > 0);
         dir_buf_release(w, &c->d[i]);
+    }
+}
+
+/* ------------------------------------------------------------ for handover.c */
+
+/*
+ * Handover, step 1: stop both directions where they are. Every op in
+ * flight is cancelled (its completion, data included, comes back through
+ * quiesce_cqe); a destination waited for in the epoll set leaves it (the
+ * socket lives on in the new worker, so closing our fd would not take it
+ * out of our set). The caller has set CS_MOVING.
+ */
+void forward_quiesce(struct worker *w, struct conn *c)
+{
+    for (unsigned i = 0; i < 2; i++) {
+        struct dir *d = &c->d[i];
+        if (d->flags & DF_OUT_EPOLL)
+            d->flags &= ~DF_OUT_BUSY;
+        if (d->flags & (DF_OUT_EPOLL | DF_EPOLL_ADDED))
+            writable_forget(w, c, i);
+        d->flags &= ~(DF_OUT_EPOLL | DF_EPOLL_ADDED);
+    }
+    forward_cancel(w, c);
+}
+
+/*
+ * Handover, step 2 (nothing in flight any more): the bytes a copy-mode
+ * direction holds (read, not yet written) go into a pipe, so that what
+ * crosses to the new worker is always sockets plus pipes, and the new worker
+ * needs no buffer of ours: it continues that direction in splice mode until
+ * the pipe is empty, and then back in copy mode (small_reads). Empty pipes
+ * and buffers go back to the pools. -errno if no pipe could be had (the
+ * bytes stay in the buffer; forward_resume copes with both forms).
+ */
+int forward_hold(struct worker *w, struct conn *c)
+{
+    for (unsigned i = 0; i < 2; i++) {
+        struct dir *d = &c->d[i];
+        if (d->mode == DM_COPY && d->buf && d->buf_len > d->buf_off) {
+            uint32_t n = d->buf_len - d->buf_off;
+            if (d->pipe.rfd < 0) {
+                int err = pipe_get(w, &d->pipe);
+                if (err < 0)
+                    return err;
+                d->in_pipe = 0;
+            }
+            if (n > d->pipe.cap) {
+                pipe_put(w, &d->pipe, false);
+                return -ENOSPC;
+            }
+            ssize_t k = write(d->pipe.wfd, d->buf + d->buf_off, n);
+            if (k != (ssize_t)n) {
+                /* cannot happen with an empty pipe of cap >= n; if it
+                 * does, what went in stays counted as the pipe's */
+                if (k > 0) {
+                    d->buf_off += (uint32_t)k;
+                    d->in_pipe += (uint32_t)k;
+                    d->mode = DM_SPLICE;
+                }
+                return -EIO;
+            }
+            d->in_pipe = n;
+            d->buf_len = d->buf_off = 0;
+            d->mode = DM_SPLICE;
+            d->small_reads = SPLICE_BACK_AFTER;     /* copy again once it is empty */
+        }
+        if (d->buf_len <= d->buf_off) {
+            d->buf_len = d->buf_off = 0;
+            dir_buf_release(w, d);
+        }
+        if (d->pipe.rfd >= 0 && d->in_pipe == 0)
+            pipe_put(w, &d->pipe, false);
+    }
+    return 0;
+}
+
+/*
+ * A connection in CS_FORWARDING with nothing in flight goes on: in the new
+ * worker after an adoption, or in the old one when the new one refused it.
+ * Each direction re-arms exactly what its state calls for: nothing once its
+ * FIN was forwarded; the FIN if its source ended and nothing is held; the
+ * held bytes first (a pipe, or a copy buffer); else a read.
+ */
+void forward_resume(struct worker *w, struct conn *c)
+{
+    c->d[0].src = c->cfd;
+    c->d[0].dst = c->sfd;
+    c->d[1].src = c->sfd;
+    c->d[1].dst = c->cfd;
+    for (unsigned i = 0; i < 2; i++)
+        c->d[i].flags &= ~(DF_IN_BUSY | DF_OUT_BUSY | DF_BARE_POLL | DF_OUT_EPOLL |
+                           DF_EPOLL_ADDED);
+    lru_touch(w, c);
+    for (unsigned i = 0; i < 2 && c->state == CS_FORWARDING; i++) {
+        struct dir *d = &c->d[i];
+        if (d->flags & DF_SHUT)
+            continue;
+        if (d->mode == DM_SPLICE) {
+            splice_pump(w, c, i);
+        } else if (d->buf && d->buf_len > d->buf_off) {
+            dir_write(w, c, i);
+        } else if (d->flags & DF_EOF) {
+            dir_check_eof(w, c, i);
+        } else {
+            dir_read(w, c, i);
+        }
     }
 }

@@ -9,7 +9,11 @@
  * Which file owns what:
  *   worker.c      the loop (dispatch, tick, giving memory back) and the drain
  *                 lifecycle (drain, stop, orphaned, accept stopped, exit)
- *   control.c     the control socket: arm its recv, decode a command
+ *   control.c     the control socket: arm its recv, decode a command (and
+ *                 the fd a handover command brings)
+ *   handover.c    connection handover across generations: quiesce a
+ *                 connection, send it (fds, held bytes, state) to the new
+ *                 worker, adopt what an old worker sends, the answers
  *   listener.c    accepting: arm and cancel accepts, pause and resume
  *                 (max_connections, fd shortage), poke
  *   conn.c        a connection's life: accept -> the steps before connecting
@@ -37,14 +41,17 @@
  * (preconnect.c calls policy.c, srclimit.c, tls_hello.c, proxy_recv.c and events.c.)
  *
  * Which way calls go: a file calls only the files to its right in
- *   worker -> control, listener -> conn -> preconnect, balance, proxy_send, forward
+ *   worker -> control, listener, handover -> conn -> preconnect, balance, proxy_send, forward
  *          -> idle, writable, bufring, pipes -> events, ring
  * (writable.c and bufring.c hand the waits that are over back to the loop,
  * which calls forward.c). Two calls go up, each an end or an admission
  * decision: conn_close, from forward.c and idle.c (a direction or the idle
  * sweep ends its connection), and listener_pause / listener_maybe_resume,
  * from conn.c (a connection that finds no fd, or frees its slot, changes
- * whether its listener may accept).
+ * whether its listener may accept). handover.c is called back by conn.c
+ * when a moving connection's last op completed (handover_quiesced), when
+ * one is closed while moving (handover_dropped), and when one that
+ * connects while the worker drains may move (handover_offer).
  */
 #ifndef RINGD_H
 #define RINGD_H
@@ -89,6 +96,8 @@ enum op {
     OP_PRE_RECV,        /* preconnect.c: the client's first bytes (PROXY header, ClientHello) */
     OP_PRE_TIMEOUT,     /* linked timeout of OP_PRE_RECV (peek_timeout) */
     OP_PRE_SEND,        /* those bytes, to the server, before forwarding starts */
+    OP_HANDOVER,        /* a handover socket is ready (handover.c): dir 0 the one
+                           we hand over to, dir 1 one we take over from (slot = peer) */
 };
 
 /* bits 56..63 op, bit 55 direction, bits 32..54 slot generation, 0..31 slot */
@@ -116,6 +125,9 @@ enum conn_state {
     CS_HEADER,          /* sending the PROXY protocol header */
     CS_FORWARDING,
     CS_CLOSING,         /* waiting for in-flight ops before closing fds */
+    CS_MOVING,          /* handover.c: its ops are being cancelled, then it is sent */
+    CS_HANDED,          /* handover.c: sent to the new worker, its answer pending */
+    CS_ADOPTED,         /* handover.c: taken over, our answer not yet sent */
 };
 
 enum dir_mode { DM_COPY = 0, DM_SPLICE = 1 };
@@ -227,6 +239,8 @@ struct upstream_rt {
     uint64_t no_server_last_ms;
 };
 
+struct ho_peer;         /* handover.c */
+
 struct worker {
     const struct ringd_worker_cfg *cfg;
     struct io_uring ring;
@@ -297,10 +311,29 @@ struct worker {
     int epfd;
     bool ep_armed;
 
-    /* control channel */
+    /* control channel (control.c): a recvmsg, commands may carry an fd */
     int ctrl_fd;
     struct ringd_cmd ctrl_buf[4];
     bool ctrl_armed;
+    struct msghdr ctrl_msg;
+    struct iovec ctrl_iov;
+    uint64_t ctrl_cmsg[8];  /* room for the control message of one or two fds */
+
+    /* handover.c: connections to a newer generation (out) ... */
+    int ho_fd;              /* -1: none */
+    bool ho_armed;          /* a poll on ho_fd is in the ring */
+    bool ho_blocked;        /* its send buffer is full: waiting for POLLOUT */
+    bool ho_began;          /* the drain started the handover */
+    bool ho_reported;       /* the HANDOVER_DONE event went out */
+    uint32_t ho_pending;    /* connections MOVING or HANDED */
+    uint64_t ho_start_ms;
+    uint64_t ho_moved, ho_kept;
+    uint64_t ho_failed[RINGD_HO_NREASONS];
+    uint64_t *ho_queue;     /* quiesced connections waiting to be sent (ud tokens) */
+    uint32_t ho_qhead, ho_qlen, ho_qcap;
+    /* ... and from older ones (in) */
+    struct ho_peer *ho_in;
+    uint32_t ho_nin;
 
     /* timer (worker.c): the tick is the timeout of the loop's wait where
      * the kernel has IORING_FEAT_EXT_ARG (tick_wait), else a timeout SQE */
@@ -344,7 +377,18 @@ struct worker {
 /* control.c */
 enum { CTRL_NONE, CTRL_CMD, CTRL_GONE };
 void ctrl_arm(struct worker *w);
-int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err);
+int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err,
+              int *fd);
+
+/* handover.c */
+void handover_to(struct worker *w, int fd);
+void handover_from(struct worker *w, int fd);
+void handover_begin(struct worker *w);
+void handover_offer(struct worker *w, struct conn *c);
+void handover_quiesced(struct worker *w, struct conn *c);
+void handover_dropped(struct worker *w, struct conn *c, bool was_handed);
+void handover_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
+void handover_free(struct worker *w);
 
 /* listener.c */
 void listener_arm(struct worker *w, uint32_t li);
@@ -360,6 +404,9 @@ void conn_start(struct worker *w, uint32_t li, int cfd);
 void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
 void conn_close(struct worker *w, struct conn *c, int reason, int err);
 void conn_close_all(struct worker *w, int reason);
+struct conn *conn_alloc(struct worker *w, uint32_t li);
+void conn_count_server(struct worker *w, struct conn *c, bool on);
+void conn_release_slot(struct worker *w, struct conn *c);
 
 static inline uint32_t conn_slot(struct worker *w, struct conn *c)
 {
@@ -405,6 +452,9 @@ void forward_cancel(struct worker *w, struct conn *c);
 void forward_release(struct worker *w, struct conn *c);
 void forward_writable(struct worker *w, uint64_t token);
 void forward_retry_recv(struct worker *w, uint64_t token);
+void forward_quiesce(struct worker *w, struct conn *c);
+int forward_hold(struct worker *w, struct conn *c);
+void forward_resume(struct worker *w, struct conn *c);
 
 /* idle.c */
 void conn_expire_idle(struct worker *w);
@@ -418,6 +468,7 @@ void writable_free(struct worker *w);
 int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token);
 void writable_arm(struct worker *w);
 void writable_on_cqe(struct worker *w, struct io_uring_cqe *cqe);
+void writable_forget(struct worker *w, struct conn *c, unsigned i);
 uint32_t writable_ready(struct worker *w, uint64_t *tokens, uint32_t max);
 
 /* bufring.c */

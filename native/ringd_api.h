@@ -31,7 +31,7 @@
  * stays the first field for good) equals its own; otherwise it treats the
  * generation as opaque: it drains it through the control channel and never
  * reads or writes its memory. */
-#define RINGD_ABI_VERSION 3
+#define RINGD_ABI_VERSION 4
 
 /* The control channel (struct ringd_cmd, struct ringd_event and the
  * RINGD_CMD_* / RINGD_EV_* numbers). Both structs keep their layout for good
@@ -40,8 +40,8 @@
  * command gets a new number and raises this version; a worker ignores
  * commands it does not know, and the master sends a worker only the
  * commands of the version its generation was started with (carried across
- * the upgrade). Issue 17 (connection handover) builds on this. */
-#define RINGD_CTRL_VERSION 1
+ * the upgrade). 2: RINGD_CMD_HANDOVER_TO / _FROM (connection handover). */
+#define RINGD_CTRL_VERSION 2
 
 #define RINGD_ADDR_MAX 28          /* sizeof(struct sockaddr_in6) */
 
@@ -89,6 +89,25 @@
 #define RINGD_CMD_DRAIN 1      /* arg: deadline in ms from now */
 #define RINGD_CMD_STOP 2       /* close everything, exit */
 #define RINGD_CMD_POKE_ACCEPT 4    /* accept what is queued now (see listener_poke) */
+/* Connection handover (handover.c). Each comes with one fd (SCM_RIGHTS): an
+ * end of a SOCK_SEQPACKET socketpair between an old worker and a new one.
+ * arg: RINGD_HANDOVER_VERSION of the master that sent it. The old worker
+ * hands its connections over on the next RINGD_CMD_DRAIN. */
+#define RINGD_CMD_HANDOVER_TO 5    /* old worker: give your connections to this socket */
+#define RINGD_CMD_HANDOVER_FROM 6  /* new worker: take connections from this socket */
+
+/* version of the handover message (struct ho_msg in handover.c); a worker
+ * refuses messages of a version it does not know (RINGD_HO_VERSION) */
+#define RINGD_HANDOVER_VERSION 1
+
+/* why a connection was not handed over (ringd_worker_shm.handover_failed[]) */
+#define RINGD_HO_LISTENER 0        /* the new config has no listener of that name */
+#define RINGD_HO_SERVER 1          /* ... or no such server (upstream name + address) */
+#define RINGD_HO_FULL 2            /* the new worker is at max_connections */
+#define RINGD_HO_VERSION 3         /* a message version the new worker does not know */
+#define RINGD_HO_PEER 4            /* the new worker went away before it answered */
+#define RINGD_HO_RESOURCE 5        /* out of fds, pipes or socket buffer */
+#define RINGD_HO_NREASONS 6
 
 /* worker -> master events (struct ringd_event) */
 #define RINGD_EV_READY 1           /* a: ring mode, b: ring flags obtained */
@@ -108,6 +127,8 @@
                                       peer, 99 not PROXY, 100 late or EOF), refusals since the last
                                       event (24-31, at most 255); err, b, c: the 16 bytes of the
                                       last one's peer address (IPv4 as ::ffff:a.b.c.d), in that order */
+#define RINGD_EV_HANDOVER_DONE 15  /* a: connections handed over, b: kept, c: ms it took */
+#define RINGD_EV_HANDOVER_FAILED 16    /* a: RINGD_HO_* reason, c: connections kept for it */
 
 struct ringd_cmd {
     uint32_t cmd;
@@ -158,6 +179,9 @@ struct ringd_worker_shm {
     uint64_t bufs_high_water;  /* most buffers posted or held at once since start */
     uint64_t trims;            /* times the worker gave memory back (see idle_trim) */
     uint64_t conn_slots;       /* connection table slots touched since the last trim */
+    uint64_t handed_out;       /* connections handed over to a newer generation */
+    uint64_t handed_in;        /* connections taken over from an older generation */
+    uint64_t handover_failed[6];   /* RINGD_HO_*: connections that stayed, by reason */
     uint64_t reserved[2];
 };
 
@@ -291,6 +315,7 @@ struct ringd_listener_cfg {
     uint32_t rate_ms;
     uint32_t source_prefix_v6; /* IPv6 sources are counted per this prefix */
     uint64_t source_key;       /* per-source table key of this listener (hash of its name) */
+    uint64_t ident;            /* the listener's identity across configs (its name, hashed) */
 };
 
 #define RINGD_NO_UPSTREAM 0xffffffff   /* ringd_listener_cfg.upstream: routes only */
@@ -324,6 +349,7 @@ struct ringd_server_cfg {
     uint32_t down;
     uint32_t max_conns;        /* 0 = unlimited */
     uint32_t upstream;
+    uint64_t ident;            /* identity across configs (upstream name + address, hashed) */
 };
 
 struct ringd_worker_cfg {

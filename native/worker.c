@@ -214,6 +214,7 @@ static void worker_begin_drain(struct worker *w, uint64_t deadline_ms)
     w->cfg->shm->state = RINGD_WS_DRAINING;
     listener_stop_all(w);
     event_send(w, RINGD_EV_DRAINING, 0, 0, 0, w->active);
+    handover_begin(w);     /* if the master gave us a newer worker to hand over to */
     check_accept_stopped(w);
 }
 
@@ -235,9 +236,9 @@ static void worker_stop(struct worker *w)
 static void on_ctrl(struct worker *w, struct io_uring_cqe *cqe)
 {
     struct ringd_cmd cmd;
-    int err = 0;
+    int err = 0, fd = -1;
 
-    switch (ctrl_recv(w, cqe, &cmd, &err)) {
+    switch (ctrl_recv(w, cqe, &cmd, &err, &fd)) {
     case CTRL_GONE:
         /* EOF or error: the master is gone */
         if (!w->stopping) {
@@ -256,9 +257,19 @@ static void on_ctrl(struct worker *w, struct io_uring_cqe *cqe)
         case RINGD_CMD_POKE_ACCEPT:
             listener_poke(w);
             break;
+        case RINGD_CMD_HANDOVER_TO:
+            handover_to(w, fd);
+            fd = -1;
+            break;
+        case RINGD_CMD_HANDOVER_FROM:
+            handover_from(w, fd);
+            fd = -1;
+            break;
         default:
             break;
         }
+        if (fd >= 0)
+            close(fd);      /* an fd no command of ours expects */
         break;
     default:
         break;
@@ -298,6 +309,9 @@ static void dispatch(struct worker *w, struct io_uring_cqe *cqe)
         break;
     case OP_EPOLL:
         on_writable(w, cqe);
+        break;
+    case OP_HANDOVER:
+        handover_on_cqe(w, cqe);
         break;
     case OP_ACCEPT_CANCEL:
     case OP_CANCEL:
@@ -424,6 +438,7 @@ static int worker_alloc(struct worker *w)
 
 static void worker_free(struct worker *w)
 {
+    handover_free(w);
     writable_free(w);
     pipe_pool_drain(w);
     buf_pool_drain(w);
@@ -450,6 +465,7 @@ int ringd_worker_run(const struct ringd_worker_cfg *cfg)
     w.cfg = cfg;
     w.ctrl_fd = cfg->control_fd;
     w.epfd = -1;
+    w.ho_fd = -1;
     w.pipe_size = cfg->pipe_size ? cfg->pipe_size : 1048576;
     w.rng = (uint32_t)getpid() * 2654435761u | 1u;
     w.now_ms = mono_ms();

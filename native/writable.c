@@ -78,6 +78,14 @@ int writable_wait(struct worker *w, struct conn *c, unsigned i, uint64_t token)
     return 0;
 }
 
+/* Direction i's destination leaves the epoll set (the connection moves to
+ * another worker: the socket outlives our fd, and with it its entry). */
+void writable_forget(struct worker *w, struct conn *c, unsigned i)
+{
+    if (w->epfd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->d[i].dst, NULL);
+}
+
 /* The ring's poll on the epoll set completed: it is no longer armed. The
  * loop then takes the ready tokens (writable_ready, while it returns a full
  * batch) and arms the poll again (writable_arm). */

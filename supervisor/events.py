@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .connmove import fail_reason
 from .native import PROXY_BAD, RING_MODES, Event, lib, setup_failure
 
 PAUSE_LOG_EVERY = 5.0       # seconds between two accept_paused lines of one listener and worker
@@ -50,6 +51,10 @@ def _accept_stopped(t: "WorkerEvents", w, ev: Event) -> None:
 def _passive_down(t: "WorkerEvents", w, ev: Event) -> None:
     for c in t.master.components:
         c.on_passive_down(w.gen, ev.a)
+
+
+def _handover_done(t: "WorkerEvents", w, ev: Event) -> None:
+    t.master.connmove.worker_done(w, ev.a, ev.b, ev.c)
 
 
 def _setup_failed(t: "WorkerEvents", w, ev: Event) -> None:
@@ -113,6 +118,18 @@ EVENTS: dict[int, Entry] = {
         "proxy_header_refused", "debug",
         lambda w, ev: {"listener": _listener(w, ev.a), "peer": ev.peer,
                        "reason": PROXY_BAD.get(ev.b, str(ev.b)), "count": ev.c}),
+    # one per old worker once its connections are handed over (connmove.py
+    # logs the generation's handover_done line)
+    lib.RINGD_EV_HANDOVER_DONE: Entry(
+        "worker_handover_done", "debug",
+        lambda w, ev: {"connections": ev.a, "kept": ev.b, "ms": ev.c}, _handover_done),
+    # sent once per reason at the end of a worker's handover (so at most
+    # six lines per worker and reload, whatever the number of connections)
+    lib.RINGD_EV_HANDOVER_FAILED: Entry(
+        "handover_failed", "warning",
+        lambda w, ev: {"reason": fail_reason(ev.a), "connections": ev.c,
+                       "hint": "these connections stay with the old worker until they end "
+                               "or drain_timeout"}),
     # sent when the worker finds the master gone: nobody is left to read it
     lib.RINGD_EV_ORPHANED: Entry(None, "", lambda w, ev: {}),
 }

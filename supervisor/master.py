@@ -17,8 +17,9 @@ and its slots), ringd.events (what a worker's event means: log line and
 state change), ringd.handover (which listening sockets stay open across
 generations), ringd.upgrade (SIGUSR2 / ringd upgrade: the master re-executes
 itself in place and the new image adopts all of this), ringd.fdstore
-(systemd's fd store, sockets passed in after a crash), ringd.preflight
-(host checks), and the components
+(systemd's fd store, sockets passed in after a crash), ringd.connmove
+(introducing old workers to new ones so that established connections
+move), ringd.preflight (host checks), and the components
 (ringd.component: lame duck, server registry, health checks, admin
 endpoint, access log), which the master calls through that one interface.
 """
@@ -35,6 +36,7 @@ from . import config as config_mod
 from . import fdstore, log, notify, pidfile, preflight
 from .component import Component
 from .config import Config, ConfigError
+from .connmove import ConnectionHandover
 from .events import WorkerEvents
 from .generation import Generation, WorkerProc
 from .handover import ADOPT_QUIET, SocketHandover
@@ -57,7 +59,8 @@ RELEASE_SLOT_AFTER = 1.0    # a slot down longer than this gives its sockets up
 
 # control-channel commands by the RINGD_CTRL_VERSION that introduced them: a
 # generation adopted across ringd upgrade gets only what its workers know
-CMD_SINCE = {lib.RINGD_CMD_DRAIN: 1, lib.RINGD_CMD_STOP: 1, lib.RINGD_CMD_POKE_ACCEPT: 1}
+CMD_SINCE = {lib.RINGD_CMD_DRAIN: 1, lib.RINGD_CMD_STOP: 1, lib.RINGD_CMD_POKE_ACCEPT: 1,
+             lib.RINGD_CMD_HANDOVER_TO: 2, lib.RINGD_CMD_HANDOVER_FROM: 2}
 
 
 class Master:
@@ -98,6 +101,7 @@ class Master:
         if test_hooks and os.environ.get("RINGD_TEST_ADOPT_QUIET"):
             adopt_quiet = float(os.environ["RINGD_TEST_ADOPT_QUIET"])
         self.handover = SocketHandover(self, adopt_quiet)   # listening sockets across gens
+        self.connmove = ConnectionHandover(self)    # established connections across gens
         # `ringd drain` / `ringd ready`: /healthz 503 while still accepting,
         # then a graceful stop (see lameduck.py)
         self.lameduck = LameDuck(
@@ -460,6 +464,7 @@ class Master:
     def _retire_generation(self, gen: Generation) -> None:
         for c in self.components:
             c.fold_generation(gen)
+        self.connmove.fold(gen)
         self.generations.remove(gen)
         gen.shm.close()
 
@@ -544,6 +549,7 @@ class Master:
                            **ctx)
             if gen.state == "active" and not self.stopping:
                 self._schedule_respawn(gen, w)
+        self.connmove.worker_gone(w)
         self._check_generation_done(gen)
         self._count_exit()
 
@@ -699,6 +705,7 @@ class Master:
             c.on_generation(gen, old)
         await self.admin.switch(admin_next)
         if old is not None:
+            self.connmove.pair(old, gen)    # [ringd] handover: before the drain command
             self._drain_generation(old, "reload")
         self._enforce_drain_bound()
         if log_after != log_before:

@@ -232,6 +232,19 @@ class RingdCollector:
             c.add_metric([ln, rn], v)
         yield c
 
+        ho = m.connmove.counters()
+        c = CounterMetricFamily("ringd_connections_handed_over",
+                                "Connections moved to a newer generation on a reload "
+                                "([ringd] handover)")
+        c.add_metric([], ho["handed_over"])
+        yield c
+        c = CounterMetricFamily("ringd_handover_failures",
+                                "Connections that stayed with their draining worker, by reason",
+                                labels=["reason"])
+        for reason, n in ho["failures"].items():
+            c.add_metric([reason], n)
+        yield c
+
         yield from self._servers()
         yield from self._process()
         yield from source_table_metrics(m.srclimit)

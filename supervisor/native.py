@@ -8,6 +8,7 @@ numbers, so the C header stays the single source of truth.
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import mmap
 import os
@@ -305,6 +306,23 @@ def sqpoll_wanted(config: Config) -> bool:
     return any(sq >= 0 for _, sq in plan_cpus(config))
 
 
+def ident(*parts: str) -> int:
+    """A 64-bit identity that survives reloads and upgrades (a fixed hash
+    of names and addresses, never an index): how a worker of a new
+    generation finds the listener and server of a connection handed over to
+    it. Changing this function breaks handover between versions."""
+    raw = "\0".join(parts).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def listener_ident(name: str) -> int:
+    return ident("listener", name)
+
+
+def server_ident(upstream: str, address) -> int:
+    return ident("server", upstream, str(address.family), address.ip, str(address.port))
+
+
 def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_cpu: int,
                      acceptors: list[tuple[int, int]], control_fd: int,
                      test_hooks: bool = False, srclimit=None, srclimit_column: int = 0):
@@ -328,6 +346,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
         lc.backlog = lst.backlog
         lc.rcvbuf = lst.rcvbuf
         lc.sndbuf = lst.sndbuf
+        lc.ident = listener_ident(lst.name)
         edge.fill_listener(ffi, lc, lst, up_index, first_route, keep)
         first_route += len(lst.routes)
 
@@ -356,6 +375,7 @@ def build_worker_cfg(config: Config, shm: SharedState, slot: int, cpu: int, sq_c
             sc.down = 1 if srv.down else 0
             sc.max_conns = srv.max_connections
             sc.upstream = ui
+            sc.ident = server_ident(up.name, srv.address)
             k += 1
 
     ring = config.ring

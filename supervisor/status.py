@@ -49,7 +49,12 @@ def collect(master) -> dict:
                      "workers": len(gen.live()), "version": gen.version,
                      "package_version": gen.package_version,
                      # adopted across ringd upgrade without reading its memory
-                     "opaque": gen.opaque})
+                     "opaque": gen.opaque,
+                     # open connections: during a handover they move from
+                     # the draining generation to the active one (0 for an
+                     # opaque one: its memory is not read)
+                     "connections": sum(gen.shm.worker(w.slot).conns_active
+                                        for w in gen.live())})
         for slot in range(len(gen.workers)):
             w = gen.workers[slot]
             shm = gen.shm.worker(slot)
@@ -126,6 +131,7 @@ def collect(master) -> dict:
         "worker_restarts": master.worker_restarts,
         "lameduck": master.lameduck.snapshot(),
         "generations": gens,
+        "handover": master.connmove.counters(),
         "workers": workers,
         "servers": servers,
         "end_reasons": list(END_REASONS),

@@ -1,0 +1,348 @@
+"""Connection handover ([ringd] handover): established connections move to
+the new generation on a reload instead of being cut at drain_timeout."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import socket
+import struct
+import threading
+import time
+
+from harness import (Backend, Ringd, fd_count, free_ports, listener, upstream, wait_for)
+from test_reload import ShortClients
+
+MODES = {"sqpoll": "true", "defer_taskrun": "false"}
+BLOCK = 65536
+
+
+def _block(seed: int, k: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{k}".encode()).digest() * (BLOCK // 32)
+
+
+class Expect:
+    """Compares a received byte stream with the deterministic one sent."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.offset = 0
+        self._k = -1
+        self._blk = b""
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            k, off = divmod(self.offset, BLOCK)
+            if k != self._k:
+                self._k, self._blk = k, _block(self.seed, k)
+            n = min(len(view), BLOCK - off)
+            if view[:n] != self._blk[off:off + n]:
+                raise AssertionError(f"stream {self.seed}: bytes differ at offset {self.offset}")
+            self.offset += n
+            view = view[n:]
+
+
+class Flow(threading.Thread):
+    """A client flow in a thread; `error` holds what went wrong."""
+
+    def __init__(self, name: str):
+        super().__init__(daemon=True, name=name)
+        self.error: str | None = None
+        self.done = False
+
+    def run(self) -> None:
+        try:
+            self.body()
+            self.done = True
+        except Exception as e:  # reported by the test
+            self.error = f"{self.name}: {type(e).__name__}: {e}"
+
+
+class EchoStream(Flow):
+    """Sends a paced deterministic stream through an echo backend until told
+    to stop, checking every byte that comes back; then half-closes and
+    checks that all of it came back before the EOF."""
+
+    def __init__(self, port: int, seed: int, rate: int = 1 << 20):
+        super().__init__(f"stream{seed}")
+        self.port, self.seed, self.rate = port, seed, rate
+        self.stop_ev = threading.Event()
+        self.sent = 0
+        self.expect = Expect(seed)
+
+    def body(self) -> None:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+
+        def send():
+            k = 0
+            t0 = time.monotonic()
+            while not self.stop_ev.is_set():
+                s.sendall(_block(self.seed, k))
+                k += 1
+                self.sent += BLOCK
+                ahead = self.sent / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            while True:
+                data = s.recv(1 << 18)
+                if not data:
+                    break
+                self.expect.feed(data)
+        finally:
+            s.close()
+        sender.join(20)
+        assert self.expect.offset == self.sent, f"got {self.expect.offset} of {self.sent} bytes"
+
+
+class IdleEchoes(Flow):
+    """n connections that say hello, sit idle, and talk again when told."""
+
+    def __init__(self, port: int, n: int = 20):
+        super().__init__("idle")
+        self.port, self.n = port, n
+        self.again = threading.Event()
+
+    def body(self) -> None:
+        socks = []
+        for i in range(self.n):
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+            msg = b"hello %d\n" % i
+            s.sendall(msg)
+            assert _recv_n(s, len(msg)) == msg
+            socks.append(s)
+        assert self.again.wait(120)
+        for i, s in enumerate(socks):
+            msg = b"again %d " % i * 100
+            s.sendall(msg)
+            assert _recv_n(s, len(msg)) == msg, f"idle connection {i}"
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b"", f"idle connection {i}: no EOF"
+            s.close()
+
+
+class StalledReader(Flow):
+    """Sends 4 MiB through the echo backend with a small receive buffer and
+    reads nothing until told: ringd holds bytes for it (in a pipe, or a copy
+    buffer) while reloads hand the connection over. Then reads everything."""
+
+    def __init__(self, port: int, seed: int, size: int = 4 << 20):
+        super().__init__(f"stalled{seed}")
+        self.port, self.seed, self.size = port, seed, size
+        self.resume = threading.Event()
+
+    def body(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        s.settimeout(60)
+        s.connect(("127.0.0.1", self.port))
+        payload = b"".join(_block(self.seed, k) for k in range(self.size // BLOCK))
+
+        def send():
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        assert self.resume.wait(120)
+        exp = Expect(self.seed)
+        while True:
+            data = s.recv(1 << 18)
+            if not data:
+                break
+            exp.feed(data)
+        sender.join(20)
+        s.close()
+        assert exp.offset == self.size, f"got {exp.offset} of {self.size} bytes"
+
+
+class HalfClosedDownload(Flow):
+    """Against the duplex backend: sends its request and half-closes at once,
+    then reads an 8 MiB answer slowly (it spans several reloads, and the
+    proxy's pipe towards it is full most of the time)."""
+
+    def __init__(self, port: int, n: int = 8 << 20, rate: int = 640 << 10):
+        super().__init__("halfclosed")
+        self.port, self.n, self.rate = port, n, rate
+
+    def body(self) -> None:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        req = b"request " * 1000
+        s.sendall(struct.pack("!Q", self.n) + req)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        t0 = time.monotonic()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+            ahead = len(got) / self.rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        s.close()
+        from backend import pattern
+        assert len(got) == self.n + 32, f"got {len(got)} bytes, want {self.n + 32}"
+        assert bytes(got[:self.n]) == pattern(self.n, seed=self.n), "server->client bytes differ"
+        assert bytes(got[self.n:]) == hashlib.sha256(req).digest(), "client->server bytes differ"
+
+
+def _recv_n(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        data = s.recv(n - len(buf))
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def _conf(eport: int, dport: int, becho: int, bdup: int, sqpoll: str, extra_ring: str = "") -> str:
+    return (f"[ring]\nsqpoll = {sqpoll}\n{extra_ring}"
+            + listener("echo", eport, "echo") + listener("dup", dport, "dup")
+            + upstream("echo", [f"127.0.0.1:{becho}"]) + upstream("dup", [f"127.0.0.1:{bdup}"]))
+
+
+def _reload(r: Ringd) -> int:
+    reply = r.request({"cmd": "reload"})
+    assert reply["ok"], reply
+    return r.status()["generation"]
+
+
+def _each(configs, fn):
+    with cf.ThreadPoolExecutor(len(configs)) as ex:
+        for f in [ex.submit(fn, *c) for c in configs]:
+            f.result()
+
+
+def test_connections_survive_reloads_in_copy_and_splice_mode(tmp_path):
+    """drain_timeout = 2s, 8 reloads over ~30 s: a long checked stream, 20
+    idle connections, a reader that stalls (bytes held by ringd) and a
+    half-closed download all survive, in both ring modes, with directions
+    splicing (the default threshold) and copying only (threshold 1 TiB).
+    Each old generation is gone within a few seconds of its reload, no
+    connection is closed by a drain, and each reload reports its handover."""
+
+    def run(name, sqpoll, extra_ring):
+        becho, bdup, eport, dport = free_ports(4)
+        conf = _conf(eport, dport, becho, bdup, sqpoll, extra_ring)
+        with Backend("echo", [becho]), Backend("duplex", [bdup]), \
+                Ringd(tmp_path / name, conf, workers=2,
+                      extra_ringd='drain_timeout = "2s"\nhandover = true\n') as r:
+            stream = EchoStream(eport, seed=1)
+            idle = IdleEchoes(eport)
+            stalled = StalledReader(eport, seed=2)
+            half = HalfClosedDownload(dport)
+            flows = [stream, idle, stalled, half]
+            for f in flows:
+                f.start()
+            wait_for(lambda: stream.expect.offset > 0 and r.status()["workers"] and
+                     sum(w["active"] for w in r.status()["workers"]) >= 23, 20,
+                     what=f"{name}: all flows connected")
+            if not extra_ring:
+                # the stalled reader's and the slow download's pipes hold bytes
+                wait_for(lambda: sum(w["pipes_in_use"] for w in r.status()["workers"]) >= 2,
+                         20, what=f"{name}: pipes holding bytes")
+            for k in range(8):
+                time.sleep(2.5)
+                old = r.status()["generation"]
+                gen = _reload(r)
+                assert gen == old + 1
+                # the old generation's workers leave well before the drain deadline
+                r.wait_event("drain_done", timeout=6, gen=old)
+                r.wait_event("handover_done", timeout=6, gen=old)
+                if k == 4:
+                    stalled.resume.set()
+                errs = [f.error for f in flows if f.error]
+                assert not errs, f"{name}: {errs}"
+            idle.again.set()
+            stream.stop_ev.set()
+            stalled.resume.set()
+            for f in flows:
+                f.join(90)
+            errs = [f.error for f in flows if f.error]
+            assert not errs, f"{name}: {errs}"
+            assert all(f.done for f in flows), name
+            assert stream.sent > 20 << 20, (name, stream.sent)
+            assert not r.events("worker_closed_connections"), name
+            assert not r.events("worker_kill"), name
+            done = r.events("handover_done")
+            assert len(done) == 8 and all(d["connections"] >= 1 for d in done), (name, done)
+            assert not r.events("handover_failed"), name
+            st = r.status()
+            assert st["handover"]["handed_over"] >= 8, (name, st["handover"])
+            wait_for(lambda: sum(w["active"] for w in r.status()["workers"]) == 0, 10,
+                     what=f"{name}: all connections closed")
+            wait_for(lambda: sum(w["pipes_in_use"] for w in r.status()["workers"]) == 0, 10,
+                     what=f"{name}: no pipe held")
+            r.assert_no_traceback()
+
+    _each([("sqpoll", "true", ""), ("defer", "false", ""),
+           ("sqpoll_copy", "true", "splice_threshold = 1099511627776\n"),
+           ("defer_copy", "false", "splice_threshold = 1099511627776\n")], run)
+
+
+def test_without_handover_a_long_stream_is_cut_at_drain_timeout(tmp_path):
+    """handover = false (the default): today's drain, the stream is cut when
+    the old generation's drain_timeout passes."""
+    becho, bdup, eport, dport = free_ports(4)
+    conf = _conf(eport, dport, becho, bdup, "false")
+    with Backend("echo", [becho]), Backend("duplex", [bdup]), \
+            Ringd(tmp_path, conf, workers=1, extra_ringd='drain_timeout = "2s"\n') as r:
+        stream = EchoStream(eport, seed=3)
+        stream.start()
+        wait_for(lambda: stream.expect.offset > 0, 10, what="stream running")
+        _reload(r)
+        r.wait_event("drain_done", timeout=10, gen=1)
+        stream.join(10)
+        assert stream.error is not None, "the stream survived a reload without handover"
+        assert r.events("worker_closed_connections")
+        assert not r.events("handover_done")
+
+
+def test_reload_storm_with_handover_loses_nothing(tmp_path):
+    """20 reloads under short-connection load plus long streams, handover on,
+    both ring modes at once: zero failed connections, zero bytes lost, fd
+    counts of the master flat, pipes, buffers and connections back to idle."""
+
+    def run(mode, sqpoll):
+        becho, bdup, eport, dport = free_ports(4)
+        conf = _conf(eport, dport, becho, bdup, sqpoll)
+        with Backend("echo", [becho]), Backend("duplex", [bdup]), \
+                Ringd(tmp_path / mode, conf, workers=2,
+                      extra_ringd='drain_timeout = "2s"\nhandover = true\n') as r:
+            streams = [EchoStream(eport, seed=10 + k, rate=512 << 10) for k in range(3)]
+            for s in streams:
+                s.start()
+            with ShortClients(eport, n=4) as clients:
+                clients.wait_ok(50, timeout=20)
+                fds0 = fd_count(r.pid)
+                for _ in range(20):
+                    old = r.status()["generation"]
+                    _reload(r)
+                    r.wait_event("drain_done", timeout=8, gen=old)
+                    clients.wait_ok(10, timeout=20)
+                for s in streams:
+                    s.stop_ev.set()
+            for s in streams:
+                s.join(60)
+            assert not clients.failures, (mode, clients.failures[:5])
+            errs = [s.error for s in streams if s.error]
+            assert not errs, (mode, errs)
+            assert fd_count(r.pid) <= fds0 + 2, (mode, fds0, fd_count(r.pid))
+            assert not r.events("worker_closed_connections"), mode
+            assert not r.events("handover_failed"), mode
+
+            def idle():
+                ws = r.status()["workers"]
+                return (sum(w["active"] for w in ws) == 0 and
+                        sum(w["pipes_in_use"] for w in ws) == 0 and len(ws) == 2)
+            wait_for(idle, 15, what=f"{mode}: back to idle")
+            r.assert_no_traceback()
+
+    _each(list(MODES.items()), run)
