@@ -506,8 +506,8 @@ static unsigned adopt(struct worker *w, const struct ho_msg *m, size_t len, cons
         need += m->d[i].in_pipe > 0 ? 2 : 0;
     if (nfds != need || m->nfds != need)
         return 1 + RINGD_HO_RESOURCE;
-    if (w->draining)
-        return 1 + RINGD_HO_PEER;      /* we are leaving too */
+    if (w->draining && (w->ho_fd < 0 || !w->ho_began))
+        return 1 + RINGD_HO_PEER;      /* leaving too, with no one to pass it on to */
     int li = find_listener(w, m->listener);
     if (li < 0)
         return 1 + RINGD_HO_LISTENER;
@@ -533,6 +533,12 @@ static unsigned adopt(struct worker *w, const struct ho_msg *m, size_t len, cons
     c->start_mono_us = m->start_mono_us;
     c->client_len = m->client_len <= sizeof(c->client) ? m->client_len : 0;
     memcpy(c->client, m->client, sizeof(c->client));
+    if (c->client_len == 0 && w->cfg->listeners[li].access_log) {
+        /* the old config did not log it: the socket still knows */
+        socklen_t alen = sizeof(c->client);
+        if (getpeername(c->cfd, (struct sockaddr *)c->client, &alen) == 0)
+            c->client_len = alen;
+    }
     for (unsigned i = 0; i < 2; i++) {
         struct dir *d = &c->d[i];
         d->mode = m->d[i].mode == DM_SPLICE ? DM_SPLICE : DM_COPY;
@@ -580,6 +586,9 @@ static void in_start(struct worker *w, struct ho_peer *hp)
         return;
     c->state = CS_FORWARDING;
     forward_resume(w, c);
+    /* we began draining ourselves meanwhile: on to the next generation */
+    if (w->draining && c->state == CS_FORWARDING)
+        handover_offer(w, c);
 }
 
 static bool in_answer(struct worker *w, struct ho_peer *hp)

@@ -437,3 +437,46 @@ def test_connections_that_cannot_move_stay_and_drain(tmp_path):
         assert st["failures"]["listener_gone"] == 1 and st["failures"]["server_gone"] == 1, st
         assert st["handed_over"] == 1, st
         r.assert_no_traceback()
+
+
+def test_access_log_has_one_record_per_handed_over_connection(tmp_path):
+    """Connections that moved twice are logged once each, by the worker that
+    ended them, with the bytes of their whole life and their client; the
+    metrics count the handovers."""
+    from test_observability import _admin, http_get
+    bport, port, aport = free_ports(3)
+    conf = (listener("web", port, "app", access_log=True)
+            + upstream("app", [f"127.0.0.1:{bport}"]) + _admin(aport))
+    with Backend("echo", [bport]), \
+            Ringd(tmp_path, conf, workers=2, extra_ringd="handover = true\n") as r:
+        socks = []
+        for i in range(6):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"x" * 100)
+            assert _recv_n(s, 100) == b"x" * 100
+            socks.append(s)
+        for gen in (1, 2):
+            _reload(r)
+            r.wait_event("handover_done", timeout=6, gen=gen)
+            r.wait_event("drain_done", timeout=6, gen=gen)
+        mine = sorted(s.getsockname()[1] for s in socks)
+        for s in socks:
+            s.sendall(b"y" * 50)
+            assert _recv_n(s, 50) == b"y" * 50
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+            s.close()
+        recs = r.wait_event("access", timeout=10, count=6)
+        time.sleep(0.5)
+        recs = r.events("access")
+        assert len(recs) == 6, recs
+        assert sorted(int(rec["client"].rsplit(":", 1)[1]) for rec in recs) == mine, recs
+        for rec in recs:
+            assert rec["gen"] == 3 and rec["end"] == "done", rec
+            assert rec["bytes_in"] == 150 and rec["bytes_out"] == 150, rec
+        _, text = http_get(aport, "/metrics")
+        assert "ringd_connections_handed_over_total 12.0" in text, text
+        assert 'ringd_handover_failures_total{reason="listener_gone"} 0.0' in text
+        st = r.status()
+        assert st["handover"]["handed_over"] == 12 and st["handover"]["taken_over"] == 12, st
+        r.assert_no_traceback()
