@@ -381,10 +381,13 @@ void handover_quiesced(struct worker *w, struct conn *c)
 void handover_dropped(struct worker *w, struct conn *c, bool was_handed)
 {
     if (c->state == CS_ADOPTED) {
-        /* the new side: the answer is not out; the old worker keeps it */
+        /* the new side, our answer not out yet: it becomes a refusal, so
+         * the old worker keeps the connection */
         for (uint32_t p = 0; p < w->ho_nin; p++) {
-            if (w->ho_in[p].conn == conn_slot(w, c))
+            if (w->ho_in[p].conn == conn_slot(w, c)) {
                 w->ho_in[p].conn = UINT32_MAX;
+                w->ho_in[p].ack.result = 1 + RINGD_HO_PEER;
+            }
         }
     }
     if (c->state == CS_MOVING || c->state == CS_HANDED)
