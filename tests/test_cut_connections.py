@@ -209,7 +209,8 @@ def test_drain_deadline_cut_is_a_reset(tmp_path):
                 + upstream("app", [f"127.0.0.1:{bport}"]))
         with Backend("duplex", [bport]), \
                 Ringd(tmp_path / mode, conf, workers=1,
-                      extra_ringd='drain_timeout = "2s"\n') as r:
+                      # the drain itself is under test: no handover
+                      extra_ringd='drain_timeout = "2s"\nhandover = false\n') as r:
             with _download(port, n) as s:
                 rd = SlowRead(s, fast_after=6, limit=30)
                 t = threading.Thread(target=rd.run)

@@ -291,12 +291,13 @@ def test_connections_survive_reloads_in_copy_and_splice_mode(tmp_path):
 
 
 def test_without_handover_a_long_stream_is_cut_at_drain_timeout(tmp_path):
-    """handover = false (the default): today's drain, the stream is cut when
-    the old generation's drain_timeout passes."""
+    """handover = false: today's drain, the stream is cut when the old
+    generation's drain_timeout passes."""
     becho, bdup, eport, dport = free_ports(4)
     conf = _conf(eport, dport, becho, bdup, "false")
     with Backend("echo", [becho]), Backend("duplex", [bdup]), \
-            Ringd(tmp_path, conf, workers=1, extra_ringd='drain_timeout = "2s"\n') as r:
+            Ringd(tmp_path, conf, workers=1,
+                  extra_ringd='drain_timeout = "2s"\nhandover = false\n') as r:
         stream = EchoStream(eport, seed=3)
         stream.start()
         wait_for(lambda: stream.expect.offset > 0, 10, what="stream running")

@@ -371,7 +371,9 @@ def test_draining_generations_are_bounded(tmp_path):
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
         r = Ringd(tmp_path, _conf(port, [f"127.0.0.1:{bport}"]), workers=1,
-                  extra_ringd='drain_timeout = "60s"\nmax_draining_generations = 2\n')
+                  # connections that keep old generations draining: no handover
+                  extra_ringd='drain_timeout = "60s"\nmax_draining_generations = 2\n'
+                              'handover = false\n')
         with r:
             held = []
             for _ in range(4):

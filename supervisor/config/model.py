@@ -149,7 +149,7 @@ class RingdSettings:
     log_level: str = key("info", v.choice(v.LOG_LEVELS), "lowest level logged")
     log_file: str | None = key(None, v.file_path, "log to this file instead of stderr")
     drain_timeout: float = key(30.0, v.duration(allow_zero=False), "longest a drain waits")
-    handover: bool = key(False, v.boolean, "reload: move open connections to the new workers")
+    handover: bool = key(True, v.boolean, "reload: move open connections to the new workers")
     drain_after: float = key(10.0, v.duration(allow_zero=True), "ringd drain: accept this long")
     user: str | None = key(None, v.user, "workers drop privileges to this user")
     group: str | None = key(None, v.group, "workers drop privileges to this group")
