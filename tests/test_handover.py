@@ -460,6 +460,8 @@ def test_access_log_has_one_record_per_handed_over_connection(tmp_path):
             _reload(r)
             r.wait_event("handover_done", timeout=6, gen=gen)
             r.wait_event("drain_done", timeout=6, gen=gen)
+        gens = {g["generation"]: g for g in r.status()["generations"]}
+        assert gens[3]["connections"] == 6, gens
         mine = sorted(s.getsockname()[1] for s in socks)
         for s in socks:
             s.sendall(b"y" * 50)
@@ -480,4 +482,39 @@ def test_access_log_has_one_record_per_handed_over_connection(tmp_path):
         assert 'ringd_handover_failures_total{reason="listener_gone"} 0.0' in text
         st = r.status()
         assert st["handover"]["handed_over"] == 12 and st["handover"]["taken_over"] == 12, st
+        r.assert_no_traceback()
+
+
+def test_connections_over_the_new_max_connections_stay(tmp_path):
+    """A reload that lowers max_connections below the open connections: the
+    new worker takes as many as it may, the rest stay in the old generation
+    (handover_failed reason=max_connections) and are cut at its
+    drain_timeout; the ones that moved keep working."""
+    bport, port = free_ports(2)
+    body = listener("web", port, "app", max_connections=6) + upstream("app", [f"127.0.0.1:{bport}"])
+    with Backend("echo", [bport]), \
+            Ringd(tmp_path, body, workers=1, extra_ringd='drain_timeout = "2s"\n') as r:
+        socks = []
+        for i in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"%d" % i)
+            assert _recv_n(s, 1) == b"%d" % i
+            socks.append(s)
+        r.write_config(listener("web", port, "app", max_connections=3)
+                       + upstream("app", [f"127.0.0.1:{bport}"]))
+        _reload(r)
+        [ev] = r.wait_event("handover_failed", timeout=6, reason="max_connections")
+        assert ev["connections"] == 2, ev
+        [done] = r.wait_event("handover_done", timeout=6, gen=1)
+        assert (done["connections"], done["kept"]) == (3, 2), done
+        r.wait_event("drain_done", timeout=10, gen=1)
+        alive = 0
+        for s in socks:
+            try:
+                s.sendall(b"z")
+                alive += _recv_n(s, 1) == b"z"
+            except OSError:
+                pass
+        assert alive == 3, alive
+        assert r.status()["handover"]["failures"]["max_connections"] == 2
         r.assert_no_traceback()
