@@ -7,6 +7,11 @@
  *                '- the steps before connecting (preconnect.c): a refusal
  *                   closes the client at once
  *
+ * On a reload a FORWARDING connection may leave instead: MOVING (its ops
+ * cancelled) -> HANDED (sent to the new worker) -> gone, or back to
+ * FORWARDING if the new worker refuses it; the new worker takes it in as
+ * ADOPTED -> FORWARDING (handover.c).
+ *
  * FORWARDING is forward.c: two independent directions (client->server,
  * server->client), each copying or splicing. The connection ends when both
  * directions have forwarded their FIN, on a reset, or when it idles past

@@ -247,7 +247,9 @@ def test_connections_survive_reloads_in_copy_and_splice_mode(tmp_path):
             wait_for(lambda: stream.expect.offset > 0 and r.status()["workers"] and
                      sum(w["active"] for w in r.status()["workers"]) >= 23, 20,
                      what=f"{name}: all flows connected")
-            if not extra_ring:
+            if extra_ring:
+                assert sum(w["pipes_in_use"] for w in r.status()["workers"]) == 0, name
+            else:
                 # the stalled reader's and the slow download's pipes hold bytes
                 wait_for(lambda: sum(w["pipes_in_use"] for w in r.status()["workers"]) >= 2,
                          20, what=f"{name}: pipes holding bytes")
@@ -259,6 +261,12 @@ def test_connections_survive_reloads_in_copy_and_splice_mode(tmp_path):
                 # the old generation's workers leave well before the drain deadline
                 r.wait_event("drain_done", timeout=6, gen=old)
                 r.wait_event("handover_done", timeout=6, gen=old)
+                if k == 0 and extra_ring:
+                    # copy only: no pipe until the stalled reader's held
+                    # bytes crossed over in one (forward_hold)
+                    wait_for(lambda: sum(w["pipes_in_use"] for w in r.status()["workers"]
+                                         if w["generation"] == gen) >= 1,
+                             10, what=f"{name}: held bytes in a pipe in the new generation")
                 if k == 4:
                     stalled.resume.set()
                 errs = [f.error for f in flows if f.error]
