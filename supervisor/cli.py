@@ -445,6 +445,19 @@ def cmd_status(args) -> int:
               f"{ld['accept_stops_in']:.1f}s (ringd ready cancels)")
     elif ld.get("state") == "stopping":
         print("host stopping: accepting stopped, connections draining")
+    gens = st.get("generations") or []
+    if len(gens) > 1:
+        # during a reload: where the connections are (a handover moves them
+        # from the draining generations to the active one)
+        print("generations: " + ", ".join(
+            f"{g['generation']} {g['state']} ({g.get('connections', 0)} connections)"
+            for g in gens))
+    ho = st.get("handover") or {}
+    failed = {r: n for r, n in (ho.get("failures") or {}).items() if n}
+    if ho.get("handed_over") or failed:
+        print(f"connections handed over on reloads {ho.get('handed_over', 0)}"
+              + (", stayed: " + ", ".join(f"{r} {n}" for r, n in failed.items())
+                 if failed else ""))
     print()
     rows = [[w["slot"], w["pid"], w["cpu"], w["generation"], w["state"], w["ring"], w["active"],
              w["accepted"], _bytes(w["bytes_c2s"]), _bytes(w["bytes_s2c"])]

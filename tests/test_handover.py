@@ -490,6 +490,8 @@ def test_access_log_has_one_record_per_handed_over_connection(tmp_path):
         assert 'ringd_handover_failures_total{reason="listener_gone"} 0.0' in text
         st = r.status()
         assert st["handover"]["handed_over"] == 12 and st["handover"]["taken_over"] == 12, st
+        shown = r.cli("status", "-c", str(r.conf)).stdout
+        assert "connections handed over on reloads 12" in shown, shown
         r.assert_no_traceback()
 
 
