@@ -152,6 +152,9 @@ static void out_check_done(struct worker *w)
     }
     event_send(w, RINGD_EV_HANDOVER_DONE, 0, (uint32_t)w->ho_moved, (uint32_t)w->ho_kept,
                w->now_ms - w->ho_start_ms);
+    /* a connection that reaches forwarding later gets a report of its own */
+    memset(w->ho_failed, 0, sizeof(w->ho_failed));
+    w->ho_moved = w->ho_kept = 0;
 }
 
 /* The connection stays with us: forwarding goes on where it stopped. */
@@ -350,8 +353,11 @@ void handover_offer(struct worker *w, struct conn *c)
         return;
     lru_unlink(c);          /* not the idle sweep's any more */
     c->state = CS_MOVING;
+    if (w->ho_reported) {
+        w->ho_reported = false;     /* a late one: its own report */
+        w->ho_start_ms = w->now_ms;
+    }
     w->ho_pending++;
-    w->ho_reported = false;   /* (a late one gets its own report) */
     forward_quiesce(w, c);
     if (c->inflight == 0)
         handover_quiesced(w, c);
