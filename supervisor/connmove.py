@@ -43,6 +43,20 @@ class ConnectionHandover:
             else:
                 self._retired[k] += v
 
+    def export(self) -> dict:
+        """For ringd upgrade: the retired generations' counts."""
+        return {"handed_over": self._retired["handed_over"],
+                "taken_over": self._retired["taken_over"],
+                "failures": dict(self._retired["failures"])}
+
+    def adopt(self, doc: dict) -> None:
+        """The new image after ringd upgrade: continue the counts."""
+        self._retired["handed_over"] = int(doc.get("handed_over", 0))
+        self._retired["taken_over"] = int(doc.get("taken_over", 0))
+        for r, n in (doc.get("failures") or {}).items():
+            if r in self._retired["failures"]:
+                self._retired["failures"][r] = int(n)
+
     @staticmethod
     def _counts(gen) -> dict:
         out = {"handed_over": 0, "taken_over": 0, "failures": dict.fromkeys(FAIL_REASONS, 0)}

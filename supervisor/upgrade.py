@@ -444,6 +444,8 @@ def export_state(m) -> tuple[dict, list[int]]:
                    "worker_restarts": m.worker_restarts,
                    "active": m.active.number if m.active else None},
         "upgrades": m.upgrades.export(),
+        # connection handover counters of retired generations (ringd.connmove)
+        "connmove": m.connmove.export(),
         "pidfile": {"path": m.pidfile.path, "fd": fd(m.pidfile.fd)},
         # the per-source limit table (ringd.srclimit): one per master lifetime
         "srclimit": _source_table(m, fd),
@@ -603,6 +605,7 @@ class Resume:
         m.reloads_rejected = int(mdoc.get("reloads_rejected", 0))
         m.worker_restarts = int(mdoc.get("worker_restarts", 0))
         m.upgrades.adopt(self.doc.get("upgrades", {}))
+        m.connmove.adopt(self.doc.get("connmove", {}))
 
     async def adopt_generations(self, m) -> None:
         """Every live generation and its workers; events they sent while the

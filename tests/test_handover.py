@@ -528,3 +528,58 @@ def test_connections_over_the_new_max_connections_stay(tmp_path):
         assert alive == 3, alive
         assert r.status()["handover"]["failures"]["max_connections"] == 2
         r.assert_no_traceback()
+
+
+def test_connections_survive_ringd_upgrade(tmp_path):
+    """The same across `ringd upgrade` (the master re-executes itself; the new
+    image starts a generation as a reload does): drain_timeout = 2s, two
+    upgrades interleaved with two reloads, both ring modes at once: the
+    checked stream, the idle connections, the stalled reader and the
+    half-closed download survive, each upgrade reports its handover."""
+
+    def run(name, sqpoll):
+        becho, bdup, eport, dport = free_ports(4)
+        conf = _conf(eport, dport, becho, bdup, sqpoll)
+        with Backend("echo", [becho]), Backend("duplex", [bdup]), \
+                Ringd(tmp_path / name, conf, workers=2,
+                      extra_ringd='drain_timeout = "2s"\n') as r:
+            stream = EchoStream(eport, seed=41)
+            idle = IdleEchoes(eport, n=10)
+            stalled = StalledReader(eport, seed=42)
+            half = HalfClosedDownload(dport, n=4 << 20)
+            flows = [stream, idle, stalled, half]
+            for f in flows:
+                f.start()
+            wait_for(lambda: stream.expect.offset > 0 and
+                     sum(w["active"] for w in r.status()["workers"]) >= 13, 20,
+                     what=f"{name}: flows connected")
+            for k, verb in enumerate(("upgrade", "reload", "upgrade", "reload")):
+                time.sleep(1.5)
+                old = r.status()["generation"]
+                if verb == "upgrade":
+                    res = r.cli("upgrade", "-c", str(r.conf), timeout=90)
+                    assert res.returncode == 0, res.stdout + res.stderr
+                else:
+                    _reload(r)
+                [done] = r.wait_event("handover_done", timeout=10, gen=old)
+                # (the download may have finished by the later ones)
+                assert done["connections"] >= 11 and done["kept"] == 0, (name, verb, done)
+                r.wait_event("drain_done", timeout=10, gen=old)
+                if k == 2:
+                    stalled.resume.set()
+            idle.again.set()
+            stream.stop_ev.set()
+            stalled.resume.set()
+            for f in flows:
+                f.join(90)
+            errs = [f.error for f in flows if f.error]
+            assert not errs, f"{name}: {errs}"
+            assert all(f.done for f in flows), name
+            assert len(r.events("upgrade_done")) == 2, name
+            assert not r.events("worker_closed_connections"), name
+            assert not r.events("handover_failed"), name
+            # counters carried across the exec
+            assert r.status()["handover"]["handed_over"] >= 4 * 11, r.status()["handover"]
+            r.assert_no_traceback()
+
+    _each(list(MODES.items()), run)
