@@ -527,7 +527,8 @@ def test_generation_of_another_memory_layout_is_drained_opaque(tmp_path):
     hook.write_text("")
     with Backend("echo", [bport]):
         with Ringd(tmp_path, _conf(port, bport, admin=admin), workers=2, test_hooks=True,
-                   extra_ringd='drain_timeout = "30s"\n',
+                   # the old generation must keep its stream (no handover)
+                   extra_ringd='drain_timeout = "30s"\nhandover = false\n',
                    env={"RINGD_TEST_UPGRADE_OPAQUE_FILE": str(hook)}) as r:
             for i in range(20):
                 assert echo_roundtrip(port, b"%d" % i) == b"%d" % i
@@ -563,7 +564,9 @@ def test_source_table_is_handed_over(tmp_path):
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
         with Ringd(tmp_path, _conf(port, bport), workers=2,
-                   extra_ringd='source_table_size = 2048\ndrain_timeout = "60s"\n') as r:
+                   # old workers must keep their connections (no handover)
+                   extra_ringd='source_table_size = 2048\ndrain_timeout = "60s"\n'
+                               'handover = false\n') as r:
             held_conn = socket.create_connection(("127.0.0.1", port), timeout=10)
             held_conn.sendall(b"hold\n")
             assert held_conn.recv(16) == b"hold\n"
