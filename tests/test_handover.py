@@ -583,3 +583,32 @@ def test_connections_survive_ringd_upgrade(tmp_path):
             r.assert_no_traceback()
 
     _each(list(MODES.items()), run)
+
+
+def test_per_source_limit_counts_move_with_the_connections(tmp_path):
+    """max_connections_per_source = 4 and 4 connections held from one source:
+    after two reloads (the connections moved, the old workers reaped and
+    their columns cleared) the source is still at its limit (a fifth is
+    refused), and a slot frees when one of the moved connections closes."""
+    from test_edge_routing import _listener, _refused, QUICK
+    from test_edge_source_limits import _open, _try_open
+    bport, port = free_ports(2)
+    conf = (_listener("web", port, "app", max_connections_per_source=4)
+            + upstream("app", [f"127.0.0.1:{bport}"]))
+    with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=2) as r:
+        held = [_open(port) for _ in range(4)]
+        try:
+            for gen in (1, 2):
+                _reload(r)
+                r.wait_event("handover_done", timeout=10, gen=gen)
+                r.wait_event("drain_done", timeout=10, gen=gen)
+            for s in held:
+                s.sendall(b"ping")
+                assert s.recv(10) == b"ping"
+            assert _refused(port, b"ping") < QUICK       # still 4 counted
+            held.pop().close()
+            wait_for(lambda: _try_open(port), 5, what="a freed slot")
+        finally:
+            for s in held:
+                s.close()
+        r.assert_no_traceback()
