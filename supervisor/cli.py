@@ -189,6 +189,19 @@ def cmd_start(args) -> int:
     return master.run(os.path.abspath(args.config), cfg, test_hooks=test_hooks)
 
 
+
+def _signal_target(e: Exception, pidpath: str, note: str) -> int:
+    """The master to signal when its control socket did not answer (`e`):
+    the pid holding the pidfile, or a CliError saying why there is none."""
+    from . import pidfile
+    try:
+        pid = pidfile.running(pidpath)
+    except pidfile.PidfileError as pe:
+        raise CliError(f"{e}; and {pe}{note}") from None
+    if pid is None:
+        raise CliError(f"{e}; and no running master holds pidfile {pidpath}{note}")
+    return pid
+
 def cmd_reload(args) -> int:
     """The running master re-reads the file it was started with, as nginx -s
     reload and HAProxy's master do. A -c naming another file is refused (by
@@ -204,13 +217,7 @@ def cmd_reload(args) -> int:
         reply = request(sock, req, timeout=120)
     except ControlClientError as e:
         # no control socket: fall back to the signal, outcome unknown
-        from . import pidfile
-        try:
-            pid = pidfile.running(pidpath)
-        except pidfile.PidfileError as pe:
-            raise CliError(f"{e}; and {pe}{note}") from None
-        if pid is None:
-            raise CliError(f"{e}; and no running master holds pidfile {pidpath}{note}")
+        pid = _signal_target(e, pidpath, note)
         running_file = _master_config(pid)
         if args.config and running_file and not same_file(args.config, running_file):
             raise CliError(f"reload rejected: the master (pid {pid}) runs {running_file}, not "
@@ -243,13 +250,7 @@ def cmd_upgrade(args) -> int:
     except ControlClientError as e:
         if "garbled" in str(e) or "no answer" in str(e):
             raise CliError(f"upgrade: {e}; see ringd status and the log") from None
-        from . import pidfile
-        try:
-            pid = pidfile.running(pidpath)
-        except pidfile.PidfileError as pe:
-            raise CliError(f"{e}; and {pe}{note}") from None
-        if pid is None:
-            raise CliError(f"{e}; and no running master holds pidfile {pidpath}{note}")
+        pid = _signal_target(e, pidpath, note)
         os.kill(pid, signal.SIGUSR2)
         print(f"sent SIGUSR2 to {pid}; outcome unknown ({e}); see the log")
         return 0
