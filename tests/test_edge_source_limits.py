@@ -58,10 +58,18 @@ def test_rate_limit_refuses_then_recovers(tmp_path, sqpoll):
     conf = (_ring(sqpoll) + _listener("web", port, "app", connection_rate_per_source="5/s")
             + upstream("app", [f"127.0.0.1:{bport}"]))
     with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=2) as r:
-        t0 = time.monotonic()
-        for _ in range(5):
-            _open(port).close()
-        assert time.monotonic() - t0 < 1.0, "the five took too long to test a 1 s window"
+        # Five within one second, then the sixth is refused. A busy CPU can
+        # stretch the five past the window: then wait for it to recover and
+        # try again (bounded), rather than call a slow machine a failure.
+        for attempt in range(5):
+            t0 = time.monotonic()
+            for _ in range(5):
+                _open(port).close()
+            if time.monotonic() - t0 < 1.0:
+                break
+            time.sleep(2.1)     # both windows of the sliding count are empty again
+        else:
+            pytest.fail("five connections never fitted in one second")
         assert _refused(port, b"ping") < QUICK
         _open(port, source="127.0.0.2").close()
         wait_for(lambda: _try_open(port), 3, what="the window recovers")
