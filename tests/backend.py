@@ -21,6 +21,26 @@ Modes (each listens on 127.0.0.1:PORT):
   peer    send "PEER <client address> <port>\n" at once, then echo (which proxy
           host a connection came through, and to which backend port, in the
           namespace cluster test)
+  soak    the soak protocol (bench/soak.py). The client first sends a 40-byte
+          header (SOAK_HDR: magic "SOAK", op, seed, up_n, down_n, reset_after);
+          the backend answers "SKHI" + the seed (8 bytes, big-endian), then:
+            op 0 (stream): sends down_n bytes of stream 2*seed+1 (pattern())
+              while it reads the upload until EOF, checking every byte against
+              stream 2*seed; then sends a 72-byte trailer: SHA-256 of what it
+              sent, SHA-256 of what it read, the count it read (8 bytes), and
+              closes (FIN). With reset_after = k + 1 it sends k bytes only and
+              then resets (SO_LINGER 0), without a trailer.
+            op 1 (echo): echoes everything (also checking it against stream
+              2*seed) until EOF, then sends FIN.
+          Events go to stdout, one line each, for the driver to read:
+            "EV CORRUPT <seed> <offset>"   an upload byte differs
+            "EV SHORT <seed> <got> <up_n>"  a clean EOF before up_n bytes
+            "EV BADHDR <hex>"               not a soak header
+  sink    accept and never read (connections are held, the oldest closed
+          after 120 s or beyond 4,000 held)
+  blackhole  listen with a full accept queue and never accept: the kernel
+          drops every SYN, so a connect times out (the queue is filled by
+          connections the backend opens to itself)
 Prints "READY" on stdout once every port listens.
 """
 from __future__ import annotations
@@ -43,6 +63,61 @@ def pattern(n: int, seed: int = 0) -> bytes:
         out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * (PATTERN_BLOCK // 32)
         counter += 1
     return bytes(out[:n])
+
+
+class Stream:
+    """pattern(n, seed) read from any offset without building it all:
+    pattern(a + b, seed)[a:a + b] == Stream(seed).slice(a, b)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._k = -1
+        self._block = b""
+
+    def block(self, k: int) -> bytes:
+        if k != self._k:
+            self._block = (hashlib.sha256(f"{self.seed}:{k}".encode()).digest()
+                           * (PATTERN_BLOCK // 32))
+            self._k = k
+        return self._block
+
+    def slice(self, off: int, n: int) -> bytes:
+        out = []
+        while n > 0:
+            k, o = divmod(off, PATTERN_BLOCK)
+            take = min(n, PATTERN_BLOCK - o)
+            out.append(self.block(k)[o:o + take])
+            off += take
+            n -= take
+        return b"".join(out)
+
+    def first_difference(self, off: int, data: bytes) -> int:
+        """-1 if data is the stream at off, else the offset of the first byte
+        that differs."""
+        want = self.slice(off, len(data))
+        if want == data:
+            return -1
+        for i, (a, b) in enumerate(zip(want, data)):
+            if a != b:
+                return off + i
+        return off + min(len(want), len(data))
+
+
+# soak protocol (see the module docstring and bench/soak.py)
+SOAK_HDR = struct.Struct("!4sB3xQQQQ")     # magic, op, seed, up_n, down_n, reset_after
+SOAK_MAGIC = b"SOAK"
+SOAK_HELLO = b"SKHI"                      # + seed, 8 bytes
+SOAK_HELLO_LEN = 12
+SOAK_TRAILER_LEN = 72                     # sha256(sent) + sha256(read) + count read
+SOAK_STREAM, SOAK_ECHO = 0, 1
+_events_left = 10000                      # bounded output
+
+
+def _event(*fields) -> None:
+    global _events_left
+    if _events_left > 0:
+        _events_left -= 1
+        print("EV", *fields, flush=True)
 
 
 async def _echo(reader, writer, port):
@@ -232,12 +307,157 @@ async def _silent(reader, writer, port):
         writer.close()
 
 
+async def _soak(reader, writer, port):
+    try:
+        hdr = await reader.readexactly(SOAK_HDR.size)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        writer.close()
+        return
+    magic, op, seed, up_n, down_n, reset_after = SOAK_HDR.unpack(hdr)
+    if magic != SOAK_MAGIC:
+        _event("BADHDR", hdr.hex())
+        writer.transport.abort()
+        return
+    up = Stream(2 * seed)
+    state = {"got": 0, "bad": False}
+    h_up = hashlib.sha256()
+
+    def check(data: bytes) -> None:
+        if not state["bad"]:
+            off = up.first_difference(state["got"], data)
+            if off >= 0:
+                state["bad"] = True
+                _event("CORRUPT", seed, off)
+        h_up.update(data)
+        state["got"] += len(data)
+
+    try:
+        writer.write(SOAK_HELLO + struct.pack("!Q", seed))
+        if op == SOAK_ECHO:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                check(data)
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+            await asyncio.wait_for(reader.read(1), 30)
+            return
+
+        down = Stream(2 * seed + 1)
+        limit = down_n if not reset_after else min(down_n, reset_after - 1)
+
+        async def send() -> bytes:
+            h = hashlib.sha256()
+            off = 0
+            while off < limit:
+                chunk = down.slice(off, min(262144, limit - off))
+                h.update(chunk)
+                writer.write(chunk)
+                await writer.drain()
+                off += len(chunk)
+            await writer.drain()
+            return h.digest()
+
+        async def recv() -> None:
+            while True:
+                data = await reader.read(262144)
+                if not data:
+                    if state["got"] < up_n:
+                        _event("SHORT", seed, state["got"], up_n)
+                    return
+                check(data)
+
+        if reset_after:
+            # drain() then waits until the kernel has every byte: the reset
+            # comes after exactly `limit` bytes were handed to the socket
+            writer.transport.set_write_buffer_limits(high=0)
+            receiving = asyncio.ensure_future(recv())
+            try:
+                await send()
+            finally:
+                receiving.cancel()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        sent_digest, err = await asyncio.gather(send(), recv(), return_exceptions=True)
+        if isinstance(sent_digest, BaseException) or isinstance(err, BaseException):
+            return                  # reset or cut: no trailer
+        writer.write(sent_digest + h_up.digest() + struct.pack("!Q", state["got"]))
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+def _listen(port: int, host: str, backlog: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen(backlog)
+    return ls
+
+
+async def _serve_sink(ls: socket.socket) -> None:
+    """Accept and never read; hold at most 4,000 connections, each 120 s."""
+    ls.setblocking(False)
+    loop = asyncio.get_running_loop()
+    held: list[tuple[float, socket.socket]] = []
+
+    async def accept():
+        while True:
+            conn, _ = await loop.sock_accept(ls)
+            held.append((loop.time(), conn))
+
+    async def reap():
+        while True:
+            now = loop.time()
+            while held and (now - held[0][0] > 120 or len(held) > 4000):
+                held.pop(0)[1].close()
+            await asyncio.sleep(1)
+
+    await asyncio.gather(accept(), reap())
+
+
+def _blackhole(port: int, host: str) -> list[socket.socket]:
+    """A listening socket whose accept queue is full (backlog 0, one
+    connection queued, never accepted): the kernel drops further SYNs."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ls = _listen(port, host, 0)
+    keep = [ls]
+    for _ in range(2):
+        c = socket.socket(fam, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect((host, port))
+        except BlockingIOError:
+            pass
+        keep.append(c)
+    return keep
+
+
 MODES = {"echo": _echo, "duplex": _duplex, "id": _id, "reset": _reset, "proxy": _proxy,
          "proxy_raw": _proxy_raw, "pong": _pong, "wrong": _wrong, "silent": _silent,
-         "peer": _peer}
+         "peer": _peer, "soak": _soak}
 
 
 async def main(mode: str, ports: list[int], host: str) -> None:
+    if mode == "blackhole":
+        keep = [_blackhole(p, host) for p in ports]
+        await asyncio.sleep(0.2)      # the queued self-connections complete
+        print("READY", flush=True)
+        await asyncio.Event().wait()      # holds `keep` open until killed
+        return
+    if mode == "sink":
+        socks = [_listen(p, host, 4096) for p in ports]
+        print("READY", flush=True)
+        await asyncio.gather(*(_serve_sink(ls) for ls in socks))
+        return
     handler = MODES[mode]
     servers = []
     for port in ports:
