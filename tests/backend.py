@@ -36,6 +36,9 @@ Modes (each listens on 127.0.0.1:PORT):
             "EV CORRUPT <seed> <offset>"   an upload byte differs
             "EV SHORT <seed> <got> <up_n>"  a clean EOF before up_n bytes
             "EV BADHDR <hex>"               not a soak header
+            "EV END <seed> <sent> <got> <how>"  every connection, at its end:
+              bytes handed to the socket and read, how it ended (done,
+              reset-by-design, or the error)
   sink    accept and never read (connections are held, the oldest closed
           after 120 s or beyond 4,000 held)
   blackhole  listen with a full accept queue and never accept: the kernel
@@ -319,7 +322,7 @@ async def _soak(reader, writer, port):
         writer.transport.abort()
         return
     up = Stream(2 * seed)
-    state = {"got": 0, "bad": False}
+    state = {"got": 0, "sent": 0, "bad": False, "how": "done"}
     h_up = hashlib.sha256()
 
     def check(data: bytes) -> None:
@@ -331,15 +334,19 @@ async def _soak(reader, writer, port):
         h_up.update(data)
         state["got"] += len(data)
 
+    def send(data: bytes) -> None:
+        writer.write(data)
+        state["sent"] += len(data)
+
     try:
-        writer.write(SOAK_HELLO + struct.pack("!Q", seed))
+        send(SOAK_HELLO + struct.pack("!Q", seed))
         if op == SOAK_ECHO:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
                 check(data)
-                writer.write(data)
+                send(data)
                 await writer.drain()
             writer.write_eof()
             await writer.drain()
@@ -349,13 +356,13 @@ async def _soak(reader, writer, port):
         down = Stream(2 * seed + 1)
         limit = down_n if not reset_after else min(down_n, reset_after - 1)
 
-        async def send() -> bytes:
+        async def send_down() -> bytes:
             h = hashlib.sha256()
             off = 0
             while off < limit:
                 chunk = down.slice(off, min(262144, limit - off))
                 h.update(chunk)
-                writer.write(chunk)
+                send(chunk)
                 await writer.drain()
                 off += len(chunk)
             await writer.drain()
@@ -376,21 +383,25 @@ async def _soak(reader, writer, port):
             writer.transport.set_write_buffer_limits(high=0)
             receiving = asyncio.ensure_future(recv())
             try:
-                await send()
+                await send_down()
             finally:
                 receiving.cancel()
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
+            state["how"] = "reset-by-design"
             return
-        sent_digest, err = await asyncio.gather(send(), recv(), return_exceptions=True)
-        if isinstance(sent_digest, BaseException) or isinstance(err, BaseException):
-            return                  # reset or cut: no trailer
-        writer.write(sent_digest + h_up.digest() + struct.pack("!Q", state["got"]))
+        sent_digest, err = await asyncio.gather(send_down(), recv(), return_exceptions=True)
+        for x in (sent_digest, err):
+            if isinstance(x, BaseException):
+                state["how"] = type(x).__name__
+                return                  # reset or cut: no trailer
+        send(sent_digest + h_up.digest() + struct.pack("!Q", state["got"]))
         await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-        pass
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as e:
+        state["how"] = type(e).__name__
     finally:
+        print("EV END", seed, state["sent"], state["got"], state["how"], flush=True)
         writer.close()
 
 
