@@ -7,6 +7,7 @@
 #               ASan/UBSan for FUZZ_SECONDS (not part of make test)
 #   make bench  the side-by-side benchmark (not part of make test)
 #   make bench-profile  where the proxies' CPU goes per request (perf)
+#   make soak   10 minutes of mixed traffic and chaos through ringd (not part of make test)
 #   make deb    the Debian package
 
 PYTHON  ?= python3
@@ -17,7 +18,7 @@ APT_PKGS := liburing-dev pkg-config gcc make iproute2 curl netcat-openbsd
 SOURCES := $(wildcard supervisor/*.py supervisor/config/*.py worker/*.py native/*.c native/*.h native/*.py) \
            pyproject.toml setup.py
 
-.PHONY: run test fuzz cluster-test cluster-deps deps venv bench bench-profile bench-deps deb deb-test clean
+.PHONY: run test fuzz cluster-test cluster-deps deps venv bench bench-profile bench-deps soak deb deb-test clean
 
 # Debian packages, installed only when missing (needs root, as on CI).
 deps:
@@ -104,6 +105,12 @@ bench-deps:
 	done; if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# Soak and chaos run (bench/README.md, "Soak"): 10 minutes by default, writes
+# bench/results/soak-*.md/.json and soak-latest.*; exit 1 if a check fails.
+# SOAK_ARGS="--duration 60" for a smoke, "--ring both" for both ring modes.
+soak: venv
+	$(VPY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

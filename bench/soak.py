@@ -1288,6 +1288,7 @@ listen = "{HOST}:{p['admin']}"
         counts: dict[str, int] = {}
         access: dict[int, list[dict]] = {}
         errors = []
+        lifecycle = []
         traceback = False
         try:
             fh = open(self.ringd.logfile, errors="replace")
@@ -1313,7 +1314,11 @@ listen = "{HOST}:{p['admin']}"
                 counts[ev] = counts.get(ev, 0) + 1
                 if e.get("level") in ("error", "critical") and len(errors) < 30:
                     errors.append({k: v for k, v in e.items() if k not in ("logger",)})
-        return {"counts": counts, "errors": errors, "traceback": traceback, "access": access}
+                if ev not in ("connect_failed", "server_down", "server_up", "no_server") \
+                        and len(lifecycle) < 3000:
+                    lifecycle.append(e)
+        return {"counts": counts, "errors": errors, "traceback": traceback, "access": access,
+                "lifecycle": lifecycle}
 
     def classify(self, access: dict[int, list[dict]]) -> None:
         by_seed = {c.seed: c for c in self.conns}
@@ -1336,7 +1341,7 @@ listen = "{HOST}:{p['admin']}"
                     c.tags.append(f"{s.what} ({s.info})")
             c.backend_end = self.backend_ends.get(c.seed, "")
             c.outcome, c.why = decide(c)
-            if c.outcome not in ("ok", "refused") and c.port in access:
+            if c.outcome != "ok" and c.port in access:
                 near = [e for e in access[c.port] if abs(e.get("start", 0) - c.wall0) < 5]
                 if near:
                     e = near[0]
@@ -1421,6 +1426,7 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
         return out_
 
     o = sess.opts
+    bad = [c for c in conns if c.outcome in BAD_OUTCOMES]
     refusal = {}
     # ringd refuses at once when every server refuses, and after
     # connect_timeout per try (2 tries) when they drop SYNs; the bound adds
@@ -1436,8 +1442,18 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
                          "slowest": [{"wait_s": round(c.ttfb, 3),
                                       "t": round(c.t0 - sess.t_start, 1), "tags": c.tags,
                                       "end": c.end, "ringd": c.ringd_end} for c in slowest]}
+    # connections that did not end well, grouped by outcome, kind, ringd's
+    # end reason and chaos step; the JSON keeps up to 20 of each group
+    groups: dict[tuple, list[Conn]] = {}
+    for c in bad:
+        reason = c.ringd_end.split(" ", 1)[0] if c.ringd_end else "end=?"
+        chaos = c.tags[0].split(" ", 1)[0] if c.tags else "-"
+        groups.setdefault((c.outcome, c.kind, reason, chaos), []).append(c)
+    order = sorted(groups.items(), key=lambda kv: (BAD_OUTCOMES.index(kv[0][0]), -len(kv[1])))
+    bad_groups = [{"outcome": k[0], "kind": k[1], "ringd": k[2], "chaos": k[3],
+                   "count": len(v), "examples": [conn_dict(c, sess.t_start) for c in v[:20]]}
+                  for k, v in order]
     ttfb = [c.ttfb for c in conns if c.kind in DATA_KINDS and c.ttfb is not None]
-    bad = [c for c in conns if c.outcome in BAD_OUTCOMES]
     killed = [c for c in conns if c.outcome == "killed_fin"]
 
     checks = []
@@ -1519,9 +1535,10 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
         "loop_lag_max_s": round(sess.lag_max, 3), "loop_lags_over_0_5s": sess.lags[:50],
         "events": sess.events, "checkpoints": sess.checkpoints, "samples": sess.samples,
         "checks": checks, "ok": all(c["ok"] for c in checks),
-        "bad": [conn_dict(c, sess.t_start) for c in bad[:300]], "bad_total": len(bad),
+        "bad_groups": bad_groups, "bad_total": len(bad),
         "killed_fin": [conn_dict(c, sess.t_start) for c in killed[:50]],
         "ringd_log_counts": log["counts"], "ringd_log_errors": log["errors"],
+        "ringd_log_lifecycle": log["lifecycle"],
         "ringd_metrics": metrics, "neighbours": sorted(sess.neighbours),
         "failures": sess.failures,
     }
@@ -1687,27 +1704,31 @@ def render_session(s: dict) -> list[str]:
     L.append("Log events: " + ", ".join(f"{k} {lc.get(k, 0):,}" for k in keys))
     L.append("")
     if s["bad_total"]:
-        L.append(f"### Connections that did not end as they should ({s['bad_total']:,}; "
-                 f"first {min(40, s['bad_total'])})")
+        L.append(f"### Connections that did not end as they should ({s['bad_total']:,})")
         L.append("")
-        L.append("| kind | outcome | why | duration | ringd's access record | backend | chaos |")
-        L.append("|---|---|---|---|---|---|---|")
-        for c in s["bad"][:40]:
-            L.append(f"| {c['kind']} | {c['outcome']} | {c['why'][:160]} | {c['duration_s']} s "
-                     f"| {c['ringd'] or '-'} | {c['backend'] or '-'} | "
-                     f"{'; '.join(c['tags']) or '-'} |")
+        L.append("Grouped by outcome, kind, ringd's end reason (its access record) and the "
+                 "chaos step they were caught in (`-`: none):")
         L.append("")
-        reasons: dict[str, int] = {}
-        for c in s["bad"]:
-            key = f"{c['outcome']}: {c['kind']}, ringd " + (c["ringd"].split(" ")[0]
-                                                           if c["ringd"] else "end=?")
-            if c["tags"]:
-                key += ", during " + c["tags"][0].split(" ")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-        L.append("Grouped (outcome: kind, ringd's end reason, chaos step):")
+        L.append("| outcome | kind | ringd | chaos | connections |")
+        L.append("|---|---|---|---|---|")
+        for g in s["bad_groups"]:
+            L.append(f"| {g['outcome']} | {g['kind']} | {g['ringd']} | {g['chaos']} | "
+                     f"{g['count']:,} |")
         L.append("")
-        for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            L.append(f"- {k}: {v}")
+        L.append("Examples (up to two per group; the JSON has up to 20):")
+        L.append("")
+        L.append("| kind | outcome | why | t (s) | duration | ringd's access record | backend "
+                 "| chaos |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        n = 0
+        for g in s["bad_groups"]:
+            for c in g["examples"][:2]:
+                if n >= 60:
+                    break
+                n += 1
+                L.append(f"| {c['kind']} | {c['outcome']} | {c['why'][:160]} | {c['t']} | "
+                         f"{c['duration_s']} s | {c['ringd'] or '-'} | {c['backend'] or '-'} | "
+                         f"{'; '.join(c['tags']) or '-'} |")
         L.append("")
     kf = s["outcomes"]["killed_fin"]
     if kf:
@@ -1732,6 +1753,13 @@ async def run_session(opts, ring: str, tmp: str, rng: random.Random) -> dict:
         await loop.run_in_executor(None, sess.teardown)
     log = sess.read_log()
     sess.classify(log.pop("access"))
+    for ev in sess.events:
+        if ev["what"] in ("sigstop", "sigkill"):
+            for e in log["lifecycle"]:
+                if e.get("pid") == ev["pid"] and e.get("event") in ("worker_stalled",
+                                                                   "worker_exit"):
+                    ev["ringd_" + e["event"]] = " ".join(
+                        f"{k}={e[k]}" for k in ("silent_for", "status", "timestamp") if k in e)
     return summarize(sess, log, metrics)
 
 
@@ -1808,4 +1836,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # noqa: BLE001 (a bug of the soak itself: exit 2, not 1)
+        import traceback
+        traceback.print_exc()
+        sys.exit(2)
