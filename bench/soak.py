@@ -140,6 +140,11 @@ def parse_args(argv=None):
     ap.add_argument("--drain-timeout", type=float, default=4.0)
     ap.add_argument("--watchdog-timeout", type=float, default=2.0)
     ap.add_argument("--connect-timeout", type=float, default=1.0)
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help="connection kinds to run, comma-separated (default: all)")
+    ap.add_argument("--chaos", default=",".join(CHAOS),
+                    help="chaos steps to run, comma-separated, from " + ",".join(CHAOS)
+                    + " (default: all; empty: none)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="directory for soak-*.md/.json and soak-latest.* (default bench/results)")
@@ -149,6 +154,16 @@ def parse_args(argv=None):
         ap.error("--duration must be at least 20 s")
     if opts.seed is None:
         opts.seed = int(time.time()) & 0xFFFFFF
+    opts.kinds = [k for k in opts.kinds.split(",") if k]
+    opts.chaos = [c for c in opts.chaos.split(",") if c]
+    for k in opts.kinds:
+        if k not in KINDS:
+            ap.error(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    for c in opts.chaos:
+        if c not in CHAOS:
+            ap.error(f"--chaos: unknown step {c!r} (known: {', '.join(CHAOS)})")
+    if not opts.kinds:
+        ap.error("--kinds: at least one kind")
     return opts
 
 
@@ -343,6 +358,8 @@ KINDS = {
     "refuse": (3, "refuse"),
     "hole": (2, "hole"),
 }
+# chaos step groups: each leaves the worker count where it started
+CHAOS = ("up", "kill", "down", "stop", "storm")
 DATA_KINDS = ("short", "bulk", "halfclose", "slow", "echo")
 STALL_KINDS = ("idle", "never_read", "sink")
 OUTCOMES = ("ok", "refused", "cut", "client_abort", "killed_fin", "corrupted", "lost",
@@ -1068,19 +1085,21 @@ listen = "{HOST}:{p['admin']}"
         """Chaos steps per period. Each group leaves the worker count where it
         started, so every checkpoint sees the same configuration."""
         n = self.opts.workers
-        up, down = f"reload:{n + 1}", f"reload:{max(1, n - 1)}"
         back = f"reload:{n}"
-        cycle = [[up, back], ["kill"], [down, back], ["stop"], ["storm"], [up, back],
-                 ["kill"], ["stop"]]
+        steps = {"up": [f"reload:{n + 1}", back], "down": [f"reload:{max(1, n - 1)}", back],
+                 "kill": ["kill"], "stop": ["stop"], "storm": ["storm"]}
+        order = ["up", "kill", "down", "stop", "storm", "up", "kill", "stop"]
+        cycle = [steps[c] for c in order if c in self.opts.chaos]
         periods = max(1, int(round(self.opts.duration / self.opts.checkpoint)))
         if periods < 3:
-            flat = [e for g in cycle[:5] for e in g]
+            flat = [e for c in CHAOS if c in self.opts.chaos for e in steps[c]]
             return [flat] + [[] for _ in range(periods - 1)]
-        return [cycle[i % len(cycle)] if i < periods - 2 else [] for i in range(periods)]
+        return [cycle[i % len(cycle)] if cycle and i < periods - 2 else []
+                for i in range(periods)]
 
     # ----------------------------------------------------------- traffic
     def pick_kind(self) -> str:
-        kinds = list(KINDS)
+        kinds = self.opts.kinds
         return self.rng.choices(kinds, weights=[KINDS[k][0] for k in kinds])[0]
 
     async def one(self, clients: Clients) -> None:
@@ -1420,7 +1439,8 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
         for c in conns:
             if c.kind != kind or c.outcome != "refused" or c.ttfb is None:
                 continue
-            if exclude_stops and any(a - 0.5 <= c.t0 <= b for a, b in sess.stop_windows):
+            if exclude_stops and (any(a - 0.5 <= c.t0 <= b for a, b in sess.stop_windows)
+                                  or any(t.startswith(("kill", "stop")) for t in c.tags)):
                 continue
             out_.append(c.ttfb)
         return out_
@@ -1465,7 +1485,7 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
     check("lost = 0", outcomes["lost"] == 0, f"{outcomes['lost']}")
     check("unexpected = 0", outcomes["unexpected"] == 0, f"{outcomes['unexpected']}")
     for kind, r in refusal.items():
-        check(f"{kind}: longest refusal <= {r['bound_s']:.2f} s (outside a SIGSTOP)",
+        check(f"{kind}: longest refusal <= {r['bound_s']:.2f} s (outside a SIGSTOP or kill)",
               r["max_outside_stop_s"] <= r["bound_s"], f"{r['max_outside_stop_s']:.3f} s")
     # resources: every quiesced checkpoint against the start
     cps = sess.checkpoints
@@ -1579,6 +1599,9 @@ def render(run: dict) -> str:
              f"{o['watchdog_timeout']} s, connect_timeout {o['connect_timeout']} s, "
              f"max_draining_generations 2; {o['concurrency']} client connections in flight; "
              f"random seed {o['seed']}")
+    if list(o["kinds"]) != list(KINDS) or list(o["chaos"]) != list(CHAOS):
+        L.append(f"- only these kinds: {', '.join(o['kinds'])}; chaos steps: "
+                 f"{', '.join(o['chaos']) or 'none'}")
     L.append("")
     for s in run["sessions"]:
         L += render_session(s)
@@ -1626,7 +1649,7 @@ def render_session(s: dict) -> list[str]:
     r = s["refusal_wait"]
     L.append("Longest wait for a refusal (connect to close, as the client saw it):")
     L.append("")
-    L.append("| listener | refusals | p99 | max | max outside a SIGSTOP | bound |")
+    L.append("| listener | refusals | p99 | max | max outside a SIGSTOP or kill | bound |")
     L.append("|---|---|---|---|---|---|")
     for kind, desc in (("refuse", "refuse (servers reset the connect)"),
                        ("hole", "hole (servers drop SYNs)")):
@@ -1809,7 +1832,8 @@ def main(argv=None) -> int:
         "options": {k: getattr(opts, k) for k in ("duration", "checkpoint", "ring", "workers",
                                                   "concurrency", "idle_timeout",
                                                   "drain_timeout", "watchdog_timeout",
-                                                  "connect_timeout", "seed")},
+                                                  "connect_timeout", "seed", "kinds",
+                                                  "chaos")},
         "bounds": BOUNDS, "load_bounds": LOAD_BOUNDS,
         "sessions": sessions, "ok": all(s["ok"] for s in sessions),
     }
