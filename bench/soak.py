@@ -117,6 +117,10 @@ BOUNDS = {
 # Under load (one sample every 10 s) a worker may hold buffers and pipes for
 # its open connections; the bound is loose and only catches runaway growth.
 LOAD_BOUNDS = {"master_rss_kib": 16 * 1024, "worker_rss_kib": 64 * 1024}
+# A held connection (idle, never_read, sink) is checked idle_timeout + 2.5 s
+# after it went quiet; if ringd has not cut it yet, the client waits up to
+# this much longer (a loaded machine delays timers) before it counts as not cut.
+CUT_GRACE = 10.0
 # A refusal may take what ringd promises (at once; connect_timeout per try)
 # plus this, plus the client's own event-loop lag.
 REFUSAL_SLACK = 2.0
@@ -138,7 +142,7 @@ def parse_args(argv=None):
                     help="client connections in flight (default 24)")
     ap.add_argument("--idle-timeout", type=float, default=3.0)
     ap.add_argument("--drain-timeout", type=float, default=4.0)
-    ap.add_argument("--watchdog-timeout", type=float, default=2.0)
+    ap.add_argument("--watchdog-timeout", type=float, default=5.0)
     ap.add_argument("--connect-timeout", type=float, default=1.0)
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help="connection kinds to run, comma-separated (default: all)")
@@ -285,6 +289,65 @@ def client_ports_of(pids: list[int], listen_ports: set[int]) -> set[int]:
             if e and e[0] in listen_ports and e[2] != "0A":
                 ports.add(e[1])
     return ports
+
+
+def capture_stall(pid: int) -> dict:
+    """What a worker whose heartbeat stopped is doing: each thread's state,
+    wait channel, kernel stack and CPU time, and the busiest threads on the
+    machine (with the CPU they last ran on)."""
+    threads = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        t = {"tid": int(tid)}
+        try:
+            with open(base + "/stat") as f:
+                raw = f.read()
+            rest = raw.rsplit(")", 1)[1].split()
+            t.update(comm=raw[raw.find("(") + 1:raw.rfind(")")], state=rest[0],
+                     cpu_ticks=int(rest[11]) + int(rest[12]), last_cpu=int(rest[36]))
+        except (OSError, IndexError, ValueError):
+            continue
+        for name in ("wchan", "stack"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    t[name] = f.read().strip()[:1500]
+            except OSError:
+                pass
+        threads.append(t)
+    # the threads that used the most CPU over the next 0.3 s, machine-wide
+    def ticks() -> dict:
+        snap = {}
+        for p_ in os.listdir("/proc"):
+            if not p_.isdigit():
+                continue
+            try:
+                tids_ = os.listdir(f"/proc/{p_}/task")
+            except OSError:
+                continue
+            for t_ in tids_:
+                try:
+                    with open(f"/proc/{p_}/task/{t_}/stat") as f:
+                        raw = f.read()
+                except OSError:
+                    continue
+                rest = raw.rsplit(")", 1)[1].split()
+                snap[(p_, t_)] = (raw[raw.find("(") + 1:raw.rfind(")")],
+                                  int(rest[11]) + int(rest[12]), rest[36], rest[0])
+        return snap
+    a = ticks()
+    time.sleep(0.3)
+    b = ticks()
+    busy = sorted(((v[1] - a.get(k, (0, v[1]))[1], k, v) for k, v in b.items()), reverse=True)
+    top = [f"pid {k[0]} tid {k[1]} {v[0]!r} state {v[3]} cpu {v[2]}: {d} ticks in 0.3 s"
+           for d, k, v in busy[:8] if d > 0]
+    with open("/proc/stat") as fh:
+        cpus = {ln.split()[0]: [int(x) for x in ln.split()[1:9]]
+                for ln in fh if ln.startswith("cpu") and ln[3] != " "}
+    return {"pid": pid, "threads": threads, "top": top, "cpu_stat": cpus}
 
 
 def proc_alive(pid: int) -> bool:
@@ -735,7 +798,7 @@ class Clients:
                 rec.end = end
                 return
             await asyncio.sleep(self.sess.hold)
-            state, data = probe(s)
+            state, data = await self.await_cut(s)
             if state == "data":
                 chk.feed(data)
                 rec.corrupt = rec.corrupt or f"{len(data)} bytes before the upload ended"
@@ -759,9 +822,9 @@ class Clients:
                 rec.end = "reset:" + errname(e)
                 return
             await asyncio.sleep(self.sess.hold)
-            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                rec.end = "reset:" + errno.errorcode.get(err, str(err))
+            state, _ = await self.await_cut(s, errors_only=True)
+            if state != "open":
+                rec.end = state
                 return
             # not reset: read what is there; a FIN (ringd closed it
             # gracefully) arrives only behind the queued bytes
@@ -788,7 +851,7 @@ class Clients:
                 rec.send_err = errname(send_t.exception())
             send_t.cancel()
             await asyncio.gather(send_t, return_exceptions=True)
-            state, data = probe(s)
+            state, data = await self.await_cut(s)
             if state == "data":
                 rec.corrupt = f"{len(data)} bytes from a backend that never sends"
                 state = "eof"
@@ -798,6 +861,22 @@ class Clients:
                 send_t.cancel()
                 await asyncio.gather(send_t, return_exceptions=True)
             self.release(s, False)
+
+    async def await_cut(self, s, errors_only: bool = False) -> tuple[str, bytes]:
+        """The state of a held connection after the hold, waiting up to
+        CUT_GRACE more seconds for a cut that a loaded machine may delay.
+        errors_only: look only for a reset (a FIN waits behind unread bytes)."""
+        deadline = mono() + CUT_GRACE
+        while True:
+            if errors_only:
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                state = ("reset:" + errno.errorcode.get(err, str(err)), b"") if err \
+                    else ("open", b"")
+            else:
+                state = probe(s)
+            if state[0] != "open" or mono() >= deadline:
+                return state
+            await asyncio.sleep(0.25)
 
     async def k_refuse(self, rec, rng):
         """A listener whose every server refuses (or, `hole`, drops SYNs):
@@ -826,8 +905,10 @@ class Clients:
         o = self.sess.opts
         slack = 15 + o.watchdog_timeout
         nominal = {"short": 2, "bulk": 10, "halfclose": 5, "slow": 17, "echo": 12,
-                   "client_reset": 8, "backend_reset": 5, "idle": self.sess.hold + 2,
-                   "never_read": self.sess.hold + 22, "sink": self.sess.hold + 2,
+                   "client_reset": 8, "backend_reset": 5,
+                   "idle": self.sess.hold + CUT_GRACE + 2,
+                   "never_read": self.sess.hold + CUT_GRACE + 22,
+                   "sink": self.sess.hold + CUT_GRACE + 2,
                    "refuse": 1, "hole": o.connect_timeout * 2 + 1}[kind]
         return nominal + slack
 
@@ -863,6 +944,10 @@ class Session:
         self.lag_max = 0.0
         self.lags: list[tuple[float, float]] = []
         self.stop_windows: list[tuple[float, float]] = []
+        self.deaths: list[dict] = []          # workers that died, not by the soak
+        self.stopped_pids: set[int] = set()   # workers the soak stopped or killed
+        self.stall_captures: list[dict] = []
+        self.wall_start = 0.0
         self.procs: list[subprocess.Popen] = []
         self.holders: list[socket.socket] = []
         self.next_seed = 1
@@ -1018,6 +1103,7 @@ listen = "{HOST}:{p['admin']}"
             self.failures.append("kill: no ready worker to kill")
             return
         pid = w["pid"]
+        self.stopped_pids.add(pid)
         os.kill(pid, signal.SIGSTOP)
         a = mono()
         ports = await self.in_thread(client_ports_of, [pid], self.listen_ports)
@@ -1041,6 +1127,7 @@ listen = "{HOST}:{p['admin']}"
             self.failures.append("stop: no ready worker to stop")
             return
         pid = w["pid"]
+        self.stopped_pids.add(pid)
         os.kill(pid, signal.SIGSTOP)
         a = mono()
         ports: set[int] = set()
@@ -1131,6 +1218,37 @@ listen = "{HOST}:{p['admin']}"
             await self.one(clients)
             await asyncio.sleep(self.rng.uniform(0, 0.02))
 
+    async def stall_watch(self) -> None:
+        """Every 0.5 s: a worker (not stopped by the soak) whose heartbeat has
+        not moved for 1.5 s is captured once (capture_stall), up to 20 times."""
+        last: dict[int, list] = {}
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                st = await self.status()
+            except Exception:  # noqa: BLE001 (the master may be busy; try again)
+                continue
+            now = mono()
+            for w in st["workers"]:
+                pid = w["pid"]
+                if not pid or pid in self.stopped_pids or w["state"] not in ("ready",
+                                                                              "draining"):
+                    continue
+                prev = last.get(pid)
+                if prev is None or prev[0] != w["heartbeat"]:
+                    last[pid] = [w["heartbeat"], now, False]
+                    continue
+                if now - prev[1] >= 1.5 and not prev[2] and len(self.stall_captures) < 20:
+                    prev[2] = True
+                    cap = await self.in_thread(capture_stall, pid)
+                    cap.update(t=round(now - self.t_start, 1), worker=w["slot"],
+                               gen=w["generation"], cpu=w["cpu"],
+                               silent_s=round(now - prev[1], 2))
+                    self.stall_captures.append(cap)
+                    self.log_event("stall", worker=w["slot"], gen=w["generation"], pid=pid,
+                                   silent=f"{now - prev[1]:.1f}s", states="".join(
+                                       t.get("state", "?") for t in cap["threads"]))
+
     async def lag_monitor(self) -> None:
         while True:
             t = mono()
@@ -1152,8 +1270,22 @@ listen = "{HOST}:{p['admin']}"
                 continue
             f = proc_figures(w["pid"], table) or {}
             workers.append({"slot": w["slot"], "gen": w["generation"], "state": w["state"],
-                            "active": w["active"], "pipes_in_use": w["pipes_in_use"], **f})
+                            "cpu": w["cpu"], "active": w["active"],
+                            "pipes_in_use": w["pipes_in_use"], **f})
+        # CPU time so far (ticks) of every ringd process and thread class, and
+        # of each CPU: a stall can then be told apart (a worker burning its
+        # CPU, or a CPU taken by something else)
+        pids = [self.ringd.pid] + [w["pid"] for w in workers]
+        cpu = {str(pid): {"comm": v["comm"], "ticks": v["proc"],
+                          "by_class": {cls: sum(t for comm, t in v["tasks"].values()
+                                                if procstat.thread_class(comm) == cls)
+                                       for cls in ("thread", "iou-sqp", "iou-wrk")}}
+               for pid, v in procstat.cpu_snapshot(pids).items()}
+        with open("/proc/stat") as fh:
+            cpus = {ln.split()[0]: [int(x) for x in ln.split()[1:9]]
+                    for ln in fh if ln.startswith("cpu") and ln[3] != " "}
         return {"t": round(mono() - self.t_start, 1), "generation": st["generation"],
+                "cpu_ticks": cpu, "cpu_stat": cpus,
                 "generations": len(st["generations"]), "master": master, "workers": workers,
                 "clients_in_flight": self.running,
                 "connections_active": sum(w["active"] for w in st["workers"])}
@@ -1227,6 +1359,7 @@ listen = "{HOST}:{p['admin']}"
     # ----------------------------------------------------------- the run
     async def run(self) -> None:
         self.t_start = mono()
+        self.wall_start = time.time()
         st = await self.status()
         self.ring_modes = sorted({w["ring"] for w in st["workers"]})
         print(f"ring = {self.ring}: workers run {', '.join(self.ring_modes)}", flush=True)
@@ -1234,7 +1367,8 @@ listen = "{HOST}:{p['admin']}"
         await asyncio.sleep(1.5)
         await self.quiesce(gate, "start")
         clients = Clients(self)
-        bg = [asyncio.ensure_future(self.lag_monitor()), asyncio.ensure_future(self.sampler())]
+        bg = [asyncio.ensure_future(self.lag_monitor()), asyncio.ensure_future(self.sampler()),
+              asyncio.ensure_future(self.stall_watch())]
         bg += [asyncio.ensure_future(self.slot(clients, gate))
                for _ in range(self.opts.concurrency)]
         plan = self.schedule()
@@ -1282,7 +1416,8 @@ listen = "{HOST}:{p['admin']}"
         want = ("ringd_connections_closed_total", "ringd_connections_accepted_total",
                 "ringd_no_server_total", "ringd_connect_errors_total",
                 "ringd_connect_timeouts_total", "ringd_connect_retries_total",
-                "ringd_worker_restarts_total", "ringd_reloads_total")
+                "ringd_worker_restarts_total", "ringd_reloads_total",
+                "ringd_access_log_dropped_total")
         sums: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("#"):
@@ -1339,7 +1474,7 @@ listen = "{HOST}:{p['admin']}"
         return {"counts": counts, "errors": errors, "traceback": traceback, "access": access,
                 "lifecycle": lifecycle}
 
-    def classify(self, access: dict[int, list[dict]]) -> None:
+    def classify(self, access: dict[int, list[dict]], lifecycle: list[dict]) -> None:
         by_seed = {c.seed: c for c in self.conns}
         for line in self.backend_events:
             p = line.split()
@@ -1351,6 +1486,39 @@ listen = "{HOST}:{p['admin']}"
                     c.corrupt = f"the backend found upload byte {p[3]} different"
                 elif p[1] == "SHORT" and not c.short_up:
                     c.short_up = f"the backend got a clean EOF after {p[3]} of {p[4]} upload bytes"
+        # workers that died although the soak neither killed nor stopped them
+        # (the watchdog on a starved worker, a crash): what they held died
+        # with them, unlogged
+        victims = {ev["pid"] for ev in self.events if ev["what"] in ("sigkill", "sigstop")}
+        self.deaths = []
+        for e in lifecycle:
+            if e.get("event") == "worker_exit" and e.get("unexpected") \
+                    and e.get("pid") not in victims:
+                try:
+                    t = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+                except (KeyError, ValueError):
+                    continue
+                self.deaths.append({"wall": t.timestamp(), "timestamp": e["timestamp"],
+                                    "t": round(t.timestamp() - self.wall_start, 1),
+                                    **{k: e.get(k) for k in ("worker", "gen", "pid", "status",
+                                                             "killed", "lost_connections")}})
+        # every window in which the watchdog saw a worker silent (the soak's
+        # SIGSTOP or not), from its last heartbeat to its exit: a refusal
+        # queued behind such a worker waited for it, not for ringd's policy
+        exits = {e.get("pid"): e for e in lifecycle if e.get("event") == "worker_exit"}
+        for e in lifecycle:
+            if e.get("event") != "worker_stalled":
+                continue
+            try:
+                ts = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+                x = exits.get(e.get("pid"))
+                te = (dt.datetime.fromisoformat(x["timestamp"].replace("Z", "+00:00")).timestamp()
+                      if x else ts)
+            except (KeyError, ValueError):
+                continue
+            to_mono = self.t_start - self.wall_start
+            self.stop_windows.append((ts - float(e.get("silent_for", 0)) + to_mono,
+                                      te + to_mono))
         for c in self.conns:
             for s in self.snaps:
                 # the worker held this connection's socket when it was read;
@@ -1359,21 +1527,29 @@ listen = "{HOST}:{p['admin']}"
                 if c.port in s.ports and c.t0 <= s.b and c.t_end >= s.a - 1.0:
                     c.tags.append(f"{s.what} ({s.info})")
             c.backend_end = self.backend_ends.get(c.seed, "")
-            c.outcome, c.why = decide(c)
-            if c.outcome != "ok" and c.port in access:
-                near = [e for e in access[c.port] if abs(e.get("start", 0) - c.wall0) < 5]
+            if c.port in access:
+                near = [e for e in access[c.port] if e.get("listener") == c.listener
+                        and abs(e.get("start", 0) - c.wall0) < 5 + self.opts.watchdog_timeout]
                 if near:
-                    e = near[0]
+                    e = min(near, key=lambda e: abs(e.get("start", 0) - c.wall0))
                     c.ringd_end = (f"end={e.get('end')} gen={e.get('gen')} worker={e.get('worker')}"
                                    f" in={e.get('bytes_in')} out={e.get('bytes_out')}"
                                    f" {e.get('duration_ms')}ms" + (f" error={e['error']}"
                                                                   if e.get("error") else ""))
+            if not c.ringd_end and c.port:
+                # no record: ringd never closed it; open when a worker died?
+                end_wall = c.wall0 + (c.t_end - c.t0)
+                for d in self.deaths:
+                    if c.wall0 <= d["wall"] and end_wall >= d["wall"] - 1.0:
+                        c.tags.append(f"died (worker {d['worker']} gen {d['gen']} pid {d['pid']}"
+                                      f", {d['killed'] or d['status']})")
+            c.outcome, c.why = decide(c)
 
 
 def decide(c: Conn) -> tuple[str, str]:
     """The outcome of one connection (see the module docstring)."""
     tags = " ".join(c.tags)
-    worker_gone = "kill (" in tags or "stop (" in tags
+    worker_gone = "kill (" in tags or "stop (" in tags or "died (" in tags
     drained = "drain (" in tags
     got = f"{c.down_got} of {c.down_want} download bytes"
     if c.corrupt:
@@ -1440,7 +1616,8 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
             if c.kind != kind or c.outcome != "refused" or c.ttfb is None:
                 continue
             if exclude_stops and (any(a - 0.5 <= c.t0 <= b for a, b in sess.stop_windows)
-                                  or any(t.startswith(("kill", "stop")) for t in c.tags)):
+                                  or any(t.startswith(("kill", "stop", "died"))
+                                         for t in c.tags)):
                 continue
             out_.append(c.ttfb)
         return out_
@@ -1485,7 +1662,8 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
     check("lost = 0", outcomes["lost"] == 0, f"{outcomes['lost']}")
     check("unexpected = 0", outcomes["unexpected"] == 0, f"{outcomes['unexpected']}")
     for kind, r in refusal.items():
-        check(f"{kind}: longest refusal <= {r['bound_s']:.2f} s (outside a SIGSTOP or kill)",
+        check(f"{kind}: longest refusal <= {r['bound_s']:.2f} s (outside a stopped, stalled "
+              "or killed worker)",
               r["max_outside_stop_s"] <= r["bound_s"], f"{r['max_outside_stop_s']:.3f} s")
     # resources: every quiesced checkpoint against the start
     cps = sess.checkpoints
@@ -1543,6 +1721,10 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
           f"worker RSS <= start + {LOAD_BOUNDS['worker_rss_kib'] // 1024} MiB", ok_load,
           worst or "within bounds")
     check("every chaos step happened", not sess.failures, "; ".join(sess.failures) or "yes")
+    check("no worker died unless the soak killed or stopped it", not sess.deaths,
+          "; ".join(f"worker {d['worker']} gen {d['gen']} pid {d['pid']} at {d['t']} s: "
+                    f"{d['killed'] or d['status']}, {d['lost_connections']} connections"
+                    for d in sess.deaths) or "none")
     check("no traceback in ringd's log", not log["traceback"], "")
 
     return {
@@ -1560,6 +1742,8 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
         "ringd_log_counts": log["counts"], "ringd_log_errors": log["errors"],
         "ringd_log_lifecycle": log["lifecycle"],
         "ringd_metrics": metrics, "neighbours": sorted(sess.neighbours),
+        "unexplained_worker_deaths": sess.deaths,
+        "stall_captures": sess.stall_captures,
         "failures": sess.failures,
     }
 
@@ -1649,7 +1833,8 @@ def render_session(s: dict) -> list[str]:
     r = s["refusal_wait"]
     L.append("Longest wait for a refusal (connect to close, as the client saw it):")
     L.append("")
-    L.append("| listener | refusals | p99 | max | max outside a SIGSTOP or kill | bound |")
+    L.append("| listener | refusals | p99 | max | max outside a stopped, stalled or killed "
+             "worker | bound |")
     L.append("|---|---|---|---|---|---|")
     for kind, desc in (("refuse", "refuse (servers reset the connect)"),
                        ("hole", "hole (servers drop SYNs)")):
@@ -1670,6 +1855,20 @@ def render_session(s: dict) -> list[str]:
         d = ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("t", "what"))
         L.append(f"| {e['t']:.1f} | {e['what']} | {d} |")
     L.append("")
+    for c in s.get("stall_captures", []):
+        busiest = c["top"][0] if c["top"] else "none measurable"
+        L.append(f"Heartbeat stalled (not by the soak): worker {c['worker']} (gen {c['gen']}, pid "
+                 f"{c['pid']}, CPU {c['cpu']}) silent {c['silent_s']} s at {c['t']} s; its threads: "
+                 + ", ".join(f"{t.get('comm')} {t.get('state')} wchan={t.get('wchan') or '-'}"
+                             for t in c["threads"])
+                 + f"; busiest thread on the machine over the next 0.3 s: {busiest} (stacks "
+                   "in the JSON).")
+        L.append("")
+    for d in s.get("unexplained_worker_deaths", []):
+        L.append(f"Not by the soak: at {d['t']} s worker {d['worker']} (gen {d['gen']}, pid "
+                 f"{d['pid']}) ended: {d['killed'] or d['status']}, "
+                 f"{d['lost_connections']} connections with it.")
+        L.append("")
     L.append("### Resources (quiesced checkpoints)")
     L.append("")
     L.append("fds, RSS (MiB) and pipes of the master and each worker of the active "
@@ -1775,7 +1974,7 @@ async def run_session(opts, ring: str, tmp: str, rng: random.Random) -> dict:
     finally:
         await loop.run_in_executor(None, sess.teardown)
     log = sess.read_log()
-    sess.classify(log.pop("access"))
+    sess.classify(log.pop("access"), log["lifecycle"])
     for ev in sess.events:
         if ev["what"] in ("sigstop", "sigkill"):
             for e in log["lifecycle"]:
