@@ -31,13 +31,14 @@ Outcomes (each connection gets exactly one, decided after the run):
                 was open on a generation at its drain deadline or cut short,
                 or on a worker the soak killed or stopped
   client_abort  the client reset it mid-transfer by design (client_reset)
-  killed_fin    open on a worker the soak killed (SIGKILL, or SIGSTOP until
-                the watchdog killed it) and ended by a clean EOF short of the
-                promised bytes: the kernel closes a dead process's sockets with
-                a FIN when nothing unread is queued. Not counted as lost (no
-                proxy can do better once it is dead without pre-arming
-                SO_LINGER 0), but reported, because an EOF-delimited protocol
-                cannot tell it from a complete transfer
+  killed_fin    open on a worker that was killed (by the soak's SIGKILL, by
+                the watchdog after the soak's SIGSTOP, or by the watchdog on
+                its own: see the worker-death check) and ended by a clean EOF
+                short of the promised bytes: the kernel closes a dead process's
+                sockets with a FIN when nothing unread is queued. Not counted
+                as lost (no proxy can do better once it is dead without
+                pre-arming SO_LINGER 0), but reported, because an EOF-delimited
+                protocol cannot tell it from a complete transfer
   corrupted     any byte differs: a received byte that is not the stream at
                 its offset, an upload byte the backend found different, a
                 digest in the trailer that does not match, bytes after the end
@@ -47,12 +48,15 @@ Outcomes (each connection gets exactly one, decided after the run):
                 still going when its bound ran out (hung)
   unexpected    an error where nothing explains it: a reset on a connection
                 that no chaos event touched, a data connection refused, an
-                idle or stalled connection still open well past idle_timeout
+                idle or stalled connection still open idle_timeout + 12.5 s
+                after it went quiet
 
 The run fails if corrupted, lost or unexpected is not 0, if a resource check
-fails (see BOUNDS), if a refusal took longer than its bound, or if a chaos
-step did not happen (a reload rejected, a killed worker not replaced, the
-watchdog not acting on the stopped worker).
+fails (see BOUNDS), if a refusal took longer than its bound, if a chaos step
+did not happen (a reload rejected, a killed worker not replaced, the
+watchdog not acting on the stopped worker), or if a worker died that the
+soak neither killed nor stopped (ringd's log says which and why; a stall
+watcher captures what a worker whose heartbeat stops is doing).
 """
 from __future__ import annotations
 
