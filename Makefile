@@ -107,7 +107,7 @@ bench-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # Soak and chaos run (bench/README.md, "Soak"): 10 minutes by default, writes
-# bench/results/soak-*.md/.json and soak-latest.*; exit 1 if a check fails.
+# bench/results/soak-*.md/.json and soak-latest.md; exit 1 if a check fails.
 # SOAK_ARGS="--duration 60" for a smoke, "--ring both" for both ring modes.
 soak: venv
 	$(VPY) bench/soak.py $(SOAK_ARGS)

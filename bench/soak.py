@@ -155,7 +155,7 @@ def parse_args(argv=None):
                     + " (default: all; empty: none)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
-                    help="directory for soak-*.md/.json and soak-latest.* (default bench/results)")
+                    help="directory for soak-*.md/.json and soak-latest.md (default bench/results)")
     ap.add_argument("--keep", action="store_true", help="keep ringd's logs and config (temp dir)")
     opts = ap.parse_args(argv)
     if opts.duration < 20:
@@ -2086,20 +2086,13 @@ def main(argv=None) -> int:
     stamp = started.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(opts.out, f"soak-{stamp}")
     with open(base + ".json", "w") as f:
-        json.dump(run, f, indent=1, default=str)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    for ext, text in ((".md", md), (".json", None)):
-        dst = os.path.join(opts.out, "soak-latest" + ext)
-        if text is None:
-            with open(base + ext) as src, open(dst, "w") as f:
-                f.write(src.read())
-        else:
-            with open(dst, "w") as f:
-                f.write(text)
+        json.dump(run, f, separators=(",", ":"), default=str)
+    for path in (base + ".md", os.path.join(opts.out, "soak-latest.md")):
+        with open(path, "w") as f:
+            f.write(md)
     print()
     print(md)
-    print(f"written: {base}.md, {base}.json, soak-latest.md/.json in {opts.out}")
+    print(f"written: {base}.md, {base}.json and soak-latest.md in {opts.out}")
     return 0 if run["ok"] else 1
 
 

@@ -45,7 +45,8 @@ def test_soak_smoke(tmp_path):
         # not the expected failure
         raise RuntimeError(f"soak exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")
-    report = json.loads((tmp_path / "soak-latest.json").read_text())
+    (path,) = tmp_path.glob("soak-2*.json")
+    report = json.loads(path.read_text())
     (sess,) = report["sessions"]
     outcomes = sess["outcomes"]
     bad = "\n".join(f"  {g['count']} x {g['outcome']} {g['kind']} (ringd {g['ringd']}, chaos "
