@@ -7,8 +7,8 @@ checked, then a quiesced resource checkpoint compared with the start.
 
 It asserts what the soak checks: no corrupted, lost or unexpectedly ended
 connection, resources flat at the end (fds, pipes, RSS within the bounds
-stated in bench/soak.py), refusals within their bound, every chaos step
-done. The soak runs in its own process (it is asyncio and forks ringd and
+stated in bench/soak.py), every chaos step done, no worker dead that the soak
+did not kill or stop. (Refusal times are timing, reported by the soak only.) The soak runs in its own process (it is asyncio and forks ringd and
 the backends); its JSON report is read back.
 """
 from __future__ import annotations
@@ -56,6 +56,8 @@ def test_soak_smoke(tmp_path):
     assert outcomes["corrupted"] == 0, f"{outcomes}\n{bad}"
     assert outcomes["lost"] == 0, f"{outcomes}\n{bad}"
     assert outcomes["unexpected"] == 0, f"{outcomes}\n{bad}"
-    failed = [f"{c['check']}: {c['detail']}" for c in sess["checks"] if not c["ok"]]
+    # every check that decides the run (the refusal timing is reported only)
+    failed = [f"{c['check']}: {c['detail']}" for c in sess["checks"]
+              if c["gating"] and not c["ok"]]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout[-3000:]
