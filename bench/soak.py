@@ -527,6 +527,14 @@ class DownCheck:
         rec.complete = not rec.corrupt
 
 
+def reset_seen_by_send(exc: BaseException | None) -> bool:
+    """A send that failed with ECONNRESET consumed a reset that came before
+    any FIN (after a FIN the kernel reports EPIPE instead); a recv() then
+    returns b"" as if the stream had ended. So such a send error turns the
+    client's EOF back into the reset it was."""
+    return isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
+
+
 def abort(sock: socket.socket) -> None:
     """Close with a reset (SO_LINGER 0), as a client that gives up does."""
     try:
@@ -664,6 +672,9 @@ class Clients:
             elif send_t.done() and not send_t.cancelled() and send_t.exception() is None:
                 up_digest = send_t.result()
             end = recv_t.result()
+            if end == "eof" and send_t.done() and not send_t.cancelled() \
+                    and reset_seen_by_send(send_t.exception()):
+                end = "reset:ECONNRESET (seen by a send first)"
             rec.end = end
             if end == "abort":
                 return
@@ -858,6 +869,10 @@ class Clients:
                 rec.send_err = errname(send_t.exception())
             send_t.cancel()
             await asyncio.gather(send_t, return_exceptions=True)
+            if send_t.done() and not send_t.cancelled() \
+                    and reset_seen_by_send(send_t.exception()):
+                rec.end = "reset:ECONNRESET (seen by a send first)"
+                return
             state, data = await self.await_cut(s)
             if state == "data":
                 rec.corrupt = f"{len(data)} bytes from a backend that never sends"

@@ -23,20 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SOAK = REPO / "bench" / "soak.py"
 
-# Known data-plane defects of issue 11 this smoke runs into on main (311a19b
-# when it was written); each one alone makes it fail. Flip the mark when they
-# are fixed.
-KNOWN_DEFECTS = (
-    "issue 11 data-plane defects: idle_timeout closes with a FIN (4.1: idle, never_read and "
-    "sink clients see a clean EOF short of their bytes); drain deadlines and drain_cut_short "
-    "close with a FIN (4.2: slow/echo connections end short); a reset from one side reaches "
-    "the other as a FIN, because conn_close() shuts both sockets down (FIN) before the "
-    "SO_LINGER 0 close (backend_reset clients and the backends of client_reset see a clean "
-    "EOF)")
-
-
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_DEFECTS)
 def test_soak_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(SOAK), "--duration", "45", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=400)
