@@ -46,7 +46,11 @@ Outcomes (each connection gets exactly one, decided after the run):
   lost          a clean EOF short of what the protocol promised (silent
                 truncation: the client got a FIN before the trailer, or the
                 backend got a FIN before up_n bytes), or a connection that was
-                still going when its bound ran out (hung)
+                still going when its bound ran out (hung). A client whose own
+                send failed with ECONNRESET saw a reset, even if its recv()
+                then returns EOF (Linux reports a reset once, to whichever
+                call comes first, and says EPIPE instead when a FIN came
+                before the reset)
   unexpected    an error where nothing explains it: a reset on a connection
                 that no chaos event touched, a data connection refused, an
                 idle or stalled connection still open idle_timeout + 12.5 s
