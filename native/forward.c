@@ -71,6 +71,27 @@ static void dir_buf_release(struct worker *w, struct dir *d)
     d->buf = NULL;
 }
 
+/*
+ * Is a send on direction i's source still in flight in the ring (the other
+ * direction, in copy mode, writing to the same socket)? A reset sets the
+ * socket's error and ends its reading side together; the first call to look
+ * at the error takes it. If that is a send the ring runs while this thread
+ * reads, the read finds no error left and returns 0, exactly as for a FIN,
+ * and the send's -ECONNRESET comes later. Forwarding that "EOF" would give
+ * the other peer a FIN before the reset: a transfer cut in the middle that
+ * looks complete. So an EOF waits for the send in flight on its socket: a
+ * send that fails ends the connection with a reset, one that does not tells
+ * that no reset was taken and the EOF is a FIN (on_send forwards it then).
+ * Polls and this thread's own splice() calls are no such risk: a poll does
+ * not take the error, and a splice that takes it ends the connection at once.
+ */
+static bool src_send_inflight(const struct conn *c, unsigned i)
+{
+    const struct dir *o = &c->d[1 - i];
+
+    return o->mode == DM_COPY && (o->flags & DF_OUT_BUSY) && !(o->flags & DF_OUT_EPOLL);
+}
+
 /* FIN forwarded: the direction is finished. */
 static void dir_shut(struct worker *w, struct conn *c, unsigned i)
 {
@@ -78,6 +99,8 @@ static void dir_shut(struct worker *w, struct conn *c, unsigned i)
 
     if (d->flags & DF_SHUT)
         return;
+    if (src_send_inflight(c, i))
+        return;               /* on_send of the other direction comes back */
     d->flags |= DF_SHUT;
     bool last = (c->d[1 - i].flags & DF_SHUT) != 0;
     /* The last FIN goes out with the close that follows at once: both
@@ -462,6 +485,15 @@ static void on_send(struct worker *w, struct conn *c, unsigned i, int res)
     struct dir *d = &c->d[i];
 
     d->flags &= ~DF_OUT_BUSY;
+    if (c->state != CS_FORWARDING)
+        return;
+    if (res < 0 && res != -EAGAIN && res != -EINTR) {
+        conn_close(w, c, RINGD_END_RESET, -res);
+        return;
+    }
+    /* this send took no reset from its socket: an EOF the other direction
+     * read from that socket meanwhile is a FIN, forward it (src_send_inflight) */
+    dir_check_eof(w, c, 1 - i);
     if (c->state != CS_FORWARDING)
         return;
     if (res > 0) {
