@@ -97,7 +97,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import procstat                                         # noqa: E402
 from backend import (SOAK_ECHO, SOAK_HDR, SOAK_HELLO, SOAK_HELLO_LEN,  # noqa: E402
                      SOAK_MAGIC, SOAK_STREAM, SOAK_TRAILER_LEN, Stream)
-from harness import BACKEND, Ringd, free_ports, listener, upstream   # noqa: E402
+from harness import BACKEND, Ringd, free_ports, listener, upstream, wait_for  # noqa: E402
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -980,6 +980,7 @@ class Session:
         self.t_start = 0.0
         self.traffic_on = False
         self.running = 0
+        self.stopping = False    # the run is over: client slots end
         self.neighbours: set[str] = set()
 
     # ----------------------------------------------------------- setup
@@ -1057,7 +1058,13 @@ listen = "{HOST}:{p['admin']}"
                  'max_draining_generations = 2\nrespawn_delay = "100ms"\n')
         self.ringd = Ringd(os.path.join(self.tmp, "ringd"), self.config_body(),
                            workers=o.workers, extra_ringd=extra)
-        self.ringd.start()
+        # a longer bound than the tests' 20 s: on a machine shared with other
+        # test suites, a start has been seen to take longer
+        self.ringd.start(wait=False)
+        r = self.ringd
+        wait_for(lambda: r.events("ready") or r.proc.poll() is not None, 90, what="ringd ready")
+        if r.proc.poll() is not None:
+            raise RuntimeError(f"ringd exited at start: {r.log_text()[-2000:]}")
 
     def teardown(self) -> None:
         try:
@@ -1126,21 +1133,40 @@ listen = "{HOST}:{p['admin']}"
             await asyncio.sleep(0.1)
         return None
 
+    async def _stop_victim(self, what: str) -> dict | None:
+        """A ready worker of the active generation, SIGSTOPped. A worker can
+        exit between the status read and the signal (the watchdog replacing a
+        worker starved on a loaded machine, a drain): then another is picked."""
+        for _ in range(5):
+            w = await self._victim()
+            if w is None:
+                break
+            self.stopped_pids.add(w["pid"])
+            try:
+                os.kill(w["pid"], signal.SIGSTOP)
+                return w
+            except ProcessLookupError:
+                self.stopped_pids.discard(w["pid"])
+                self.log_event("victim_gone", step=what, worker=w["slot"], pid=w["pid"])
+                await asyncio.sleep(0.5)
+        self.failures.append(f"{what}: no ready worker to {what}")
+        return None
+
     async def ev_kill(self) -> None:
         """SIGKILL one worker. It is stopped first (a few ms) so the set of
         connections it holds can be read exactly: those are cut by design."""
-        w = await self._victim()
+        w = await self._stop_victim("kill")
         if w is None:
-            self.failures.append("kill: no ready worker to kill")
             return
         pid = w["pid"]
-        self.stopped_pids.add(pid)
-        os.kill(pid, signal.SIGSTOP)
         a = mono()
         ports = await self.in_thread(client_ports_of, [pid], self.listen_ports)
         await asyncio.sleep(0.05)
         ports |= await self.in_thread(client_ports_of, [pid], self.listen_ports)
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass        # a stopped process is only killed (the watchdog got there first)
         b = mono()
         self.snaps.append(Snap("kill", a, b, ports, f"worker {w['slot']} pid {pid}"))
         took = await self._wait_replaced(w["slot"], pid, 15)
@@ -1153,13 +1179,10 @@ listen = "{HOST}:{p['admin']}"
     async def ev_stop(self) -> None:
         """SIGSTOP one worker and leave it stopped: the watchdog must notice
         the silent heartbeat after watchdog_timeout and replace it."""
-        w = await self._victim()
+        w = await self._stop_victim("stop")
         if w is None:
-            self.failures.append("stop: no ready worker to stop")
             return
         pid = w["pid"]
-        self.stopped_pids.add(pid)
-        os.kill(pid, signal.SIGSTOP)
         a = mono()
         ports: set[int] = set()
         bound = self.opts.watchdog_timeout + 15
@@ -1169,7 +1192,10 @@ listen = "{HOST}:{p['admin']}"
         gone = not proc_alive(pid)
         b = mono()
         if not gone:
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
             self.failures.append(f"watchdog: worker {w['slot']} (pid {pid}) SIGSTOPped for "
                                  f"{bound:.0f} s was not replaced")
         self.snaps.append(Snap("stop", a, b, ports, f"worker {w['slot']} pid {pid}"))
@@ -1244,8 +1270,13 @@ listen = "{HOST}:{p['admin']}"
             self.running -= 1
 
     async def slot(self, clients: Clients, gate: asyncio.Event) -> None:
-        while True:
+        # the flag, not only the task's cancellation, ends the loop: a cancel
+        # that lands as asyncio.wait_for's inner task finishes can be lost
+        # (Python 3.11), and the slot would then wait for the gate forever
+        while not self.stopping:
             await gate.wait()
+            if self.stopping:
+                return
             await self.one(clients)
             await asyncio.sleep(self.rng.uniform(0, 0.02))
 
@@ -1346,7 +1377,12 @@ listen = "{HOST}:{p['admin']}"
         quiet = False
         last = None
         while mono() - t1 < 30:
-            st = await self.status()
+            try:
+                st = await self.status()
+            except Exception as e:  # noqa: BLE001 (the master busy with a dying worker)
+                last = repr(e)
+                await asyncio.sleep(0.5)
+                continue
             ws = self.active_workers(st)
             last = (len(st["generations"]), sum(w["active"] for w in st["workers"]),
                     [w["state"] for w in ws])
@@ -1365,12 +1401,18 @@ listen = "{HOST}:{p['admin']}"
         res = None
         while mono() - t2 < 15:
             await asyncio.sleep(1.0)
-            res = await self.in_thread(self.read_resources)
+            try:
+                res = await self.in_thread(self.read_resources)
+            except Exception as e:  # noqa: BLE001 (read again)
+                notes.append(f"resources not readable once: {e!r}")
+                continue
             key = (res["master"]["fds"] if res["master"] else None,
                    tuple((w.get("fds"), w.get("pipes")) for w in res["workers"]))
             if key == prev and all(not w.get("pipes") for w in res["workers"]):
                 break
             prev = key
+        if res is None:     # never readable in 15 s: once more, and fail if it still is not
+            res = await self.in_thread(self.read_resources)
         res["quiesced"] = True
         res["label"] = label
         res["quiesce_s"] = round(mono() - t0, 1)
@@ -1415,16 +1457,28 @@ listen = "{HOST}:{p['admin']}"
                     await asyncio.sleep(max(0.0, at - mono()))
                     await self.run_event(ev)
                 await asyncio.sleep(max(0.0, p0 + period - mono()))
-                self.samples.append({**await self.in_thread(self.read_resources),
-                                     "quiesced": False, "label": f"before checkpoint {i + 1}"})
+                try:
+                    self.samples.append({**await self.in_thread(self.read_resources),
+                                         "quiesced": False,
+                                         "label": f"before checkpoint {i + 1}"})
+                except Exception as e:  # noqa: BLE001 (a worker dying as it is read)
+                    self.samples.append({"t": round(mono() - self.t_start, 1),
+                                         "label": f"before checkpoint {i + 1}",
+                                         "error": repr(e)})
                 label = "end" if i == len(plan) - 1 else f"{(i + 1) * period / 60:.1f} min"
                 await self.quiesce(gate, label)
                 self.progress()
         finally:
-            gate.clear()
+            # bounded: a task that outlives its cancel must not hang the run
+            # (and hide whatever ended it) forever
+            self.stopping = True
+            gate.set()
             for t in bg:
                 t.cancel()
-            await asyncio.gather(*bg, return_exceptions=True)
+            _, pending = await asyncio.wait(bg, timeout=30)
+            if pending:
+                print(f"soak: {len(pending)} client or monitor tasks still running 30 s "
+                      "after the end; left behind", file=sys.stderr, flush=True)
 
     def progress(self) -> None:
         n = len(self.conns)
