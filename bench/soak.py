@@ -975,6 +975,7 @@ class Session:
         self.stall_captures: list[dict] = []
         self.wall_start = 0.0
         self.procs: list[subprocess.Popen] = []
+        self.ringd: Ringd | None = None
         self.holders: list[socket.socket] = []
         self.next_seed = 1
         self.t_start = 0.0
@@ -1068,7 +1069,8 @@ listen = "{HOST}:{p['admin']}"
 
     def teardown(self) -> None:
         try:
-            self.ringd.stop()
+            if self.ringd is not None:
+                self.ringd.stop()
         except Exception as e:  # noqa: BLE001 (report, go on cleaning)
             self.failures.append(f"stopping ringd: {e!r}")
         for p in self.procs:
@@ -2095,8 +2097,10 @@ async def run_session(opts, ring: str, tmp: str, rng: random.Random) -> dict:
     sess = Session(opts, ring, tmp, rng)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(4))
-    await loop.run_in_executor(None, sess.setup)
     try:
+        # inside: a setup that fails half-way (ringd not ready) still stops
+        # the backends it started
+        await loop.run_in_executor(None, sess.setup)
         await sess.run()
         metrics = await loop.run_in_executor(None, sess.metrics)
     finally:
