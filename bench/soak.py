@@ -1339,7 +1339,8 @@ listen = "{HOST}:{p['admin']}"
         # CPU time so far (ticks) of every ringd process and thread class, and
         # of each CPU: a stall can then be told apart (a worker burning its
         # CPU, or a CPU taken by something else)
-        pids = [self.ringd.pid] + [w["pid"] for w in workers]
+        # (a worker that exited between the status and /proc has no figures)
+        pids = [self.ringd.pid] + [w["pid"] for w in workers if "pid" in w]
         cpu = {str(pid): {"comm": v["comm"], "ticks": v["proc"],
                           "by_class": {cls: sum(t for comm, t in v["tasks"].values()
                                                 if procstat.thread_class(comm) == cls)
@@ -1401,12 +1402,13 @@ listen = "{HOST}:{p['admin']}"
         prev = None
         t2 = mono()
         res = None
+        res_errors: list[str] = []
         while mono() - t2 < 15:
             await asyncio.sleep(1.0)
             try:
                 res = await self.in_thread(self.read_resources)
             except Exception as e:  # noqa: BLE001 (read again)
-                notes.append(f"resources not readable once: {e!r}")
+                res_errors.append(repr(e))   # reported, not a failed checkpoint
                 continue
             key = (res["master"]["fds"] if res["master"] else None,
                    tuple((w.get("fds"), w.get("pipes")) for w in res["workers"]))
@@ -1419,6 +1421,7 @@ listen = "{HOST}:{p['admin']}"
         res["label"] = label
         res["quiesce_s"] = round(mono() - t0, 1)
         res["notes"] = notes
+        res["read_errors"] = res_errors
         res["neighbours"] = busy_neighbours()
         res["loadavg"] = loadavg()
         self.neighbours.update(res["neighbours"])
