@@ -276,6 +276,10 @@ static void on_connect(struct worker *w, struct conn *c, int res)
         return;
     if (res == 0) {
         struct ringd_server_shm *s = &w->cfg->srv[c->server];
+        /* an earlier try's errno does not describe this connection: the
+         * access record would name it as the end's cause, and a handover
+         * takes any errno as "it failed while quiesced" and resets it */
+        c->err = 0;
         __atomic_fetch_add(&s->connections, 1, __ATOMIC_RELAXED);
         w->cfg->wsrv[c->server].connections++;
         if (s->passive_down || s->fail_window_count) {

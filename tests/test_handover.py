@@ -612,3 +612,46 @@ def test_per_source_limit_counts_move_with_the_connections(tmp_path):
             for s in held:
                 s.close()
         r.assert_no_traceback()
+
+
+def test_connections_that_reached_their_server_on_a_retry_move_intact(tmp_path):
+    """A connection whose first connect try failed (the server refused) and
+    whose retry reached a server is as healthy as any: it moves on a reload
+    and keeps every byte, and its access record names no error. (The failed
+    try's errno used to stay on the connection; the handover read it as "it
+    failed while quiesced" and reset it: the soak's echo and slow readers
+    cut at each reload.)"""
+
+    def run(mode, sqpoll):
+        bport, port = free_ports(2)
+        refused = socket.socket()           # bound, never listening: connects are refused
+        refused.bind(("127.0.0.1", 0))
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app", access_log=True)
+                + upstream("app", [f"127.0.0.1:{refused.getsockname()[1]}",
+                                   f"127.0.0.1:{bport}"],
+                           connect_retries=1, max_fails=0))
+        with refused, Backend("echo", [bport]), Ringd(tmp_path / mode, conf, workers=1) as r:
+            socks = []
+            for i in range(8):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(b"a" * 100)
+                assert _recv_n(s, 100) == b"a" * 100, f"{mode}: connection {i}"
+                socks.append(s)
+            retried = sum(w["connect_errors"] for w in r.status()["workers"])
+            assert retried >= 3, f"{mode}: only {retried} connections retried"
+            _reload(r)
+            r.wait_event("handover_done", timeout=10, gen=1)
+            r.wait_event("drain_done", timeout=20, gen=1)
+            for i, s in enumerate(socks):
+                s.sendall(b"b" * 200)
+                assert _recv_n(s, 200) == b"b" * 200, f"{mode}: connection {i} after the reload"
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(1) == b"", f"{mode}: connection {i}: no EOF"
+                s.close()
+            recs = r.wait_event("access", timeout=10, count=8)
+            assert all(rec["end"] == "done" and not rec.get("error") for rec in recs), \
+                (mode, retried, recs)
+            assert sum(1 for rec in recs if rec["gen"] == 2) == 8, recs
+            r.assert_no_traceback()
+
+    _each(list(MODES.items()), run)
