@@ -324,6 +324,15 @@ CATEGORIES = [
 ]
 
 
+# every category a sample can get, in the order the report lists them
+CATEGORY_NAMES = [name for name, _ in CATEGORIES] + ["user space", "other kernel"]
+
+
+def slug(name: str) -> str:
+    """A category as a metric key part: "TCP/IP + socket layer" -> "tcp_ip_socket_layer"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def category(frames: list[tuple[str, str]]) -> str:
     if not frames:
         return "other kernel"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 
 import hostinfo
+import perfprof
 
 # key, label, unit, which way is better, decimals
 METRICS = [
@@ -404,18 +405,25 @@ def _ringd_keys(labels):
 
 
 def goals14(data, labels):
-    """(goal, target, {ringd key: (text, met)}) against the better peer of
-    the same run (HAProxy or nginx, whichever is better on that row)."""
+    """(goal, target, {ringd key: (text, met)}, floor) against the better
+    peer of the same run (HAProxy or nginx, whichever is better on that row).
+    floor, on the CPU rows of a profile run: {"limit": the goal's bound,
+    "ringd": {ringd key: TCP floor or None}, "peer": (best peer's label, its
+    TCP share %)}; else {}."""
     peers = [p for p in PEERS if p in labels]
     rows = []
 
-    def vs_best(text, target, metric, better, limit):
+    def vs_best(text, target, metric, better, limit, scen=None):
         res = {}
         vals = {p: med(data, p, metric) for p in peers}
         vals = {p: v for p, v in vals.items() if v is not None}
         if not vals:
             return
         best = (min if better == "lower" else max)(vals, key=vals.get)
+        floor = {}
+        if scen and med(data, best, f"{scen}_p_tcp_pct") is not None:
+            floor = {"limit": limit, "ringd": {},
+                     "peer": (labels[best], med(data, best, f"{scen}_p_tcp_pct"))}
         for k in _ringd_keys(labels):
             x = med(data, k, metric)
             if x is None or not vals[best]:
@@ -424,15 +432,20 @@ def goals14(data, labels):
             r = x / vals[best]
             met = r <= limit if better == "lower" else r >= limit
             res[k] = (f"{r:.3f}x {labels[best]}", met)
-        rows.append((text, target, res))
+            if floor:
+                # ringd's TCP/IP + socket-layer CPU per unit over the best
+                # peer's whole CPU per unit: the ratio if nothing else cost
+                tcp = med(data, k, f"{scen}_p_tcp_pct")
+                floor["ringd"][k] = None if tcp is None else tcp / 100 * r
+        rows.append((text, target, res, floor))
 
     vs_best("keepalive: proxy CPU per request vs best peer", "<= 0.8x",
-            "keepalive_cpu100k", "lower", 0.8)
+            "keepalive_cpu100k", "lower", 0.8, "keepalive")
     vs_best("Connection: close: proxy CPU per connection vs best peer", "<= 0.8x",
-            "close_cpu100k", "lower", 0.8)
+            "close_cpu100k", "lower", 0.8, "close")
     for s, n in (("1", "1 stream"), ("8", "8 streams")):
         vs_best(f"bulk {n}: proxy CPU per byte vs best peer", "<= 0.6x",
-                f"bulk{s}_cpu10g", "lower", 0.6)
+                f"bulk{s}_cpu10g", "lower", 0.6, f"bulk{s}")
     for s, n in (("1", "1 stream"), ("8", "8 streams")):
         vs_best(f"bulk {n}: throughput vs best peer", ">= 1.0x", f"bulk{s}_gbps", "higher", 1.0)
     vs_best("keepalive req/s vs best peer", ">= 1.0x", "keepalive_rps", "higher", 1.0)
@@ -450,7 +463,7 @@ def goals14(data, labels):
                 # every repetition must meet it, not only the median
                 res[k] = (f"{max(v):.4f} (max)", max(v) <= IDLE_GOAL)
         if any(met is not None for _, met in res.values()):
-            rows.append((text, f"<= {IDLE_GOAL} CPU-s/s", res))
+            rows.append((text, f"<= {IDLE_GOAL} CPU-s/s", res, {}))
     return rows
 
 
@@ -459,18 +472,39 @@ def goals14_section(data, labels, meta):
     rows = goals14(data, labels)
     if not keys or not rows:
         return []
+    floors = any(f for *_, f in rows)
+    head = [labels[k] for k in keys]
+    if floors:
+        head += [f"TCP floor, {labels[k]}" for k in keys] + ["best peer's TCP share"]
     L = ["## Goals (issue 14)", "",
          "Ratios against the better of HAProxy and nginx on each row (the peer named); "
          "idle CPU against the absolute goal, the worst repetition counting.", "",
-         "| goal | target | " + " | ".join(labels[k] for k in keys) + " |",
-         "|---|---|" + "---|" * len(keys)]
-    for text, target, res in rows:
+         "| goal | target | " + " | ".join(head) + " |",
+         "|---|---|" + "---|" * len(head)]
+    for text, target, res, floor in rows:
         cells = []
         for k in keys:
             t, met = res.get(k, ("not measured", None))
             cells.append(t if met is None else f"{t}: **{'met' if met else 'not met'}**")
+            fl = floor["ringd"].get(k) if floor else None
+            if fl is not None and fl > floor["limit"]:
+                cells[-1] += f"; unreachable here: TCP work alone is {fl:.3f}x the best peer"
+        if floors:
+            fls = [floor["ringd"].get(k) if floor else None for k in keys]
+            cells += ["–" if fl is None else f"{fl:.3f}x" for fl in fls]
+            cells.append(f"{floor['peer'][1]:.1f} % ({floor['peer'][0]})" if floor else "–")
         L.append(f"| {text} | {target} | " + " | ".join(cells) + " |")
     L.append("")
+    if floors:
+        L += ["TCP floor = ringd's TCP/IP + socket-layer share (perf samples of the proxy's "
+              "threads on its CPU, sampled pass) x ringd's proxy CPU per unit / the best peer's "
+              "proxy CPU per unit, both CPU figures the goals' own (/proc utime+stime, timed "
+              "pass): the ratio ringd would reach if everything it does beyond the TCP stack "
+              "cost nothing. The samples include softirq work done in the proxy's context, "
+              "which utime+stime may not fully charge to it; every share here is applied to "
+              "the /proc base, for ringd and the peer alike. The best peer's TCP share is its "
+              "TCP CPU over its own total: a floor equal to it means both spend the same CPU "
+              "on TCP per unit.", ""]
     if meta.get("quick"):
         L += ["A quick run: the verdicts are a smoke test, not the result.", ""]
     return L
@@ -583,6 +617,28 @@ def _cpu_us(data, sk, scen, kind):
         return None if v is None else v * 1e6 / 1250.0       # 10 Gbit = 1250 MB
     v = med(data, sk, f"{scen}_{kind}100k")
     return None if v is None else v * 10.0                   # 1e6 µs / 1e5 units
+
+
+def _by_category_us(data, scen, unit, cols, labels):
+    """Rows "CPU per unit by category": the median share of each category
+    (stored per repetition as {scen}_p_cat_<slug>) x the median proxy CPU per
+    unit of the timed pass. Nothing for a run that stored no such keys."""
+    share = {(k, c): med(data, k, f"{scen}_p_cat_{perfprof.slug(c)}")
+             for k in cols for c in perfprof.CATEGORY_NAMES}
+    if all(v is None for v in share.values()):
+        return []
+    cpu = {k: _cpu_us(data, k, scen, "cpu") for k in cols}
+    L = [f"Proxy CPU per {unit} by category, µs (median share of the proxy's samples x "
+         "median proxy CPU of the timed pass, /proc utime+stime; the goals' measure):", "",
+         "| category | " + " | ".join(labels.get(k, k) for k in cols) + " |",
+         "|---|" + "---|" * len(cols)]
+    for c in perfprof.CATEGORY_NAMES:
+        vals = [None if share[k, c] is None or cpu[k] is None else share[k, c] / 100 * cpu[k]
+                for k in cols]
+        if any(v for v in vals):
+            L.append(f"| {c} | " + " | ".join(_num(v, 2) for v in vals) + " |")
+    L.append("")
+    return L
 
 
 def profile_section(meta, data, details, labels):
@@ -698,6 +754,7 @@ def profile_section(meta, data, details, labels):
                                for o in ("proxy", "kernel threads", "other processes")))
                          for k in pcols) + " |")
             L.append("")
+            L += _by_category_us(data, scen, unit, pcols, labels)
             top = max(len(first[k]["top_self"]) for k in pcols)
             L += ["Top symbols, self time (share of the proxy's samples; `[k]` kernel):", "",
                   "| # | " + " | ".join(labels.get(k, k) for k in pcols) + " |",

@@ -510,6 +510,10 @@ class Runner:
         summ = perfprof.summarize(samples, pids, o.perf_freq, top=o.top, master=master)
         cats = summ["categories_pct"]
         self.put(system, f"{scen}_p_tcp_pct", cats.get("TCP/IP + socket layer", 0.0))
+        # every category, 0 where it got no sample, so that medians over
+        # repetitions exist for each (the report's "CPU per unit by category")
+        for c in perfprof.CATEGORY_NAMES:
+            self.put(system, f"{scen}_p_cat_{perfprof.slug(c)}", cats.get(c, 0.0))
         self.details.append({"system": system.key, "rep": rep, "scenario": f"{scen} profiled",
                              "units": units, "load": res, "profile": summ})
         top = summ["top_self"][0] if summ["top_self"] else ("-", "", 0)
