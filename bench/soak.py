@@ -36,10 +36,11 @@ Outcomes (each connection gets exactly one, decided after the run):
                 the watchdog after the soak's SIGSTOP, or by the watchdog on
                 its own: see the worker-death check) and ended by a clean EOF
                 short of the promised bytes: the kernel closes a dead process's
-                sockets with a FIN when nothing unread is queued. Not counted
-                as lost (no proxy can do better once it is dead without
-                pre-arming SO_LINGER 0), but reported, because an EOF-delimited
-                protocol cannot tell it from a complete transfer
+                sockets, with a FIN unless they carry SO_LINGER 0. ringd arms
+                it on every socket from the start and clears it only at a
+                natural end, so a dead worker's connections are reset and
+                this must be 0 (a check): an EOF-delimited protocol cannot
+                tell such a FIN from a complete transfer
   corrupted     any byte differs: a received byte that is not the stream at
                 its offset, an upload byte the backend found different, a
                 digest in the trailer that does not match, bytes after the end
@@ -1754,6 +1755,8 @@ def summarize(sess: Session, log: dict, metrics: dict) -> dict:
 
     check("corrupted = 0", outcomes["corrupted"] == 0, f"{outcomes['corrupted']}")
     check("lost = 0", outcomes["lost"] == 0, f"{outcomes['lost']}")
+    check("killed_fin = 0 (a dead worker's connections are reset)",
+          outcomes["killed_fin"] == 0, f"{outcomes['killed_fin']}")
     check("unexpected = 0", outcomes["unexpected"] == 0, f"{outcomes['unexpected']}")
     for kind, r in refusal.items():
         # timing: reported, not gating (on a shared machine it measures the
@@ -2088,8 +2091,9 @@ def render_session(s: dict) -> list[str]:
     kf = s["outcomes"]["killed_fin"]
     if kf:
         L.append(f"{kf} connections were open on a worker the soak killed and ended with a "
-                 "clean EOF short of their promised bytes (the kernel closes a killed "
-                 "process's sockets with a FIN): counted as `killed_fin`, not as lost.")
+                 "clean EOF short of their promised bytes (`killed_fin`): a dead worker's "
+                 "sockets closed with a FIN, although ringd arms SO_LINGER 0 on each of "
+                 "them so that they are reset.")
         L.append("")
     return L
 

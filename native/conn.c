@@ -220,7 +220,9 @@ static void conn_connect(struct worker *w, struct conn *c)
         return;
     }
     int one = 1;
+    const struct linger abort_on_death = { 1, 0 };     /* see end_is_natural */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_on_death, sizeof(abort_on_death));
     set_opt(fd, SOL_SOCKET, SO_RCVBUF, up->rcvbuf);
     set_opt(fd, SOL_SOCKET, SO_SNDBUF, up->sndbuf);
     set_opt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, w->cfg->notsent_lowat);
@@ -437,6 +439,13 @@ void conn_on_cqe(struct worker *w, struct io_uring_cqe *cqe)
  * RINGD_END_RESOURCE (out of fds, memory or pipes). Those abort both
  * sockets (SO_LINGER 0: a reset), so that both peers see an error; a FIN
  * would look like the end of the data to any protocol that ends at EOF.
+ *
+ * A worker that dies (SIGKILL, the watchdog, a crash) closes nothing
+ * itself: the kernel closes its sockets, with a FIN unless they carry
+ * SO_LINGER 0. So every socket carries it from the start (the listening
+ * sockets have it and accepted sockets inherit it; conn_connect sets it on
+ * the socket to the server; an adopted connection gets it in handover.c),
+ * and only the natural end clears it, just before its FINs.
  */
 static bool end_is_natural(int reason)
 {
@@ -464,12 +473,12 @@ void conn_close(struct worker *w, struct conn *c, int reason, int err)
         c->err = err;
     lru_unlink(c);
 
-    if (!natural) {
-        struct linger lg = { 1, 0 };
-        setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-        if (c->sfd >= 0)
-            setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-    }
+    /* natural: the reset a dead worker's sockets would send is off now;
+     * else: set again for a socket from an image that did not set it */
+    struct linger lg = { natural ? 0 : 1, 0 };
+    setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    if (c->sfd >= 0)
+        setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     if (c->inflight == 0) {
         conn_maybe_free(w, c);
         return;

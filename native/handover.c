@@ -534,6 +534,10 @@ static unsigned adopt(struct worker *w, const struct ho_msg *m, size_t len, cons
     c->state = CS_ADOPTED;
     c->cfd = fds[k++];
     c->sfd = fds[k++];
+    /* an older image may not have set it: reset if this worker dies */
+    const struct linger abort_on_death = { 1, 0 };
+    setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &abort_on_death, sizeof(abort_on_death));
+    setsockopt(c->sfd, SOL_SOCKET, SO_LINGER, &abort_on_death, sizeof(abort_on_death));
     c->server = s;
     c->upstream = w->cfg->servers[s].upstream;    /* (a route may have chosen it) */
     c->tried[0] = (uint32_t)s;

@@ -37,6 +37,19 @@ def _key(addr: Address, slot: int) -> SocketKey:
     return SocketKey(addr.family, addr.ip, addr.port, slot)
 
 
+_ABORT_ON_DEATH = struct.pack("ii", 1, 0)
+
+
+def _accepted_sockets_inherit(sock: socket.socket) -> None:
+    """Options every accepted socket inherits from its listening socket:
+    no Nagle delay on forwarded writes, and SO_LINGER 0, so that the
+    connections of a worker that dies (SIGKILL, the watchdog) are reset, not
+    ended with a FIN that reads as a complete transfer. A worker clears it
+    at a natural end only (native/conn.c, end_is_natural)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT_ON_DEATH)
+
+
 def bind_one(addr: Address, backlog: int) -> socket.socket:
     sock = socket.socket(addr.family, socket.SOCK_STREAM)
     try:
@@ -45,8 +58,7 @@ def bind_one(addr: Address, backlog: int) -> socket.socket:
         if addr.family == socket.AF_INET6:
             # like nginx: [::]:80 does not also take 0.0.0.0:80
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # inherited by accepted sockets: no Nagle delay on forwarded writes
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _accepted_sockets_inherit(sock)
         sock.bind(addr.sockaddr)
         sock.listen(backlog)
         # workers accept through io_uring, which polls by itself; a worker's
@@ -161,6 +173,7 @@ class ListenerSockets:
                 os.set_inheritable(fd, False)
                 if _sockname(sock) != (key.ip, key.port):
                     raise OSError(0, f"fd {fd} is {_sockname(sock)}")
+                _accepted_sockets_inherit(sock)    # (an older image's may lack one)
             except OSError as err:
                 problems.append(f"{key.ip}:{key.port}#{key.slot}: {err.strerror or err}")
                 continue
@@ -272,7 +285,7 @@ def _check_passed(fd: int, name: str, wanted: set[tuple[int, str, int]]
     if (key.family, key.ip, key.port) not in wanted:
         return "no listener of the config has this address", None, sock
     sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _accepted_sockets_inherit(sock)
     return "", key, sock
 
 

@@ -292,3 +292,79 @@ def _send_quietly(sock: socket.socket, n: int) -> None:
         sock.sendall(b"d" * n)
     except OSError:
         pass      # the reset reached this side first
+
+
+def _end_seen(s: socket.socket) -> str:
+    try:
+        return "eof" if not s.recv(1 << 16) else "data"
+    except ConnectionResetError:
+        return "reset"
+
+
+def test_a_killed_worker_resets_its_connections_never_a_fin(tmp_path):
+    """A worker that dies (SIGKILL here; the watchdog's kill or a crash are
+    the same) closes nothing itself: the kernel closes its sockets, and
+    without SO_LINGER 0 on them that is a FIN, which any protocol that ends
+    at EOF reads as a complete transfer. Both peers must see a reset: a
+    connection mid-download, one idle, one half-closed by its client. A
+    natural end on the replacement worker is still a FIN on both sides."""
+    import os
+    import signal
+
+    def run(mode, sqpoll, _):
+        port = free_ports(1)[0]
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        srv.settimeout(10)
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app")
+                + upstream("app", [f"127.0.0.1:{srv.getsockname()[1]}"]))
+        with srv, Ringd(tmp_path / mode, conf, workers=1) as r:
+            pairs = []
+            for kind in ("download", "idle", "halfclosed"):
+                c = connect(port, timeout=10)
+                c.sendall(b"x")
+                b, _ = srv.accept()
+                b.settimeout(10)
+                assert b.recv(1) == b"x"
+                if kind == "download":      # more than the sockets and pipes hold
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    b.setblocking(False)
+                    try:
+                        while True:
+                            b.send(b"d" * 65536)
+                    except BlockingIOError:
+                        pass
+                    b.settimeout(10)
+                elif kind == "halfclosed":
+                    c.shutdown(socket.SHUT_WR)
+                    assert b.recv(1) == b"", f"{mode}: the client's FIN was not forwarded"
+                pairs.append((kind, c, b))
+            victim = r.status()["workers"][0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            seen = {}
+            for kind, c, b in pairs:
+                with c, b:
+                    c.settimeout(10)
+                    end = "data"
+                    while end == "data":        # the download's bytes already on their way
+                        end = _end_seen(c)
+                    seen[kind] = (end, _end_seen(b) if kind != "halfclosed" else "-")
+            assert seen == {"download": ("reset", "reset"), "idle": ("reset", "reset"),
+                            "halfclosed": ("reset", "-")}, f"{mode}: {seen}"
+            wait_for(lambda: (lambda w: w["pid"] not in (None, victim) and w["state"] == "ready")(
+                r.status()["workers"][0]), 10, what="worker replaced")
+            with connect(port, timeout=10) as c:
+                c.sendall(b"z")
+                b, _ = srv.accept()
+                with b:
+                    b.settimeout(10)
+                    assert b.recv(1) == b"z"
+                    b.sendall(b"w")
+                    b.shutdown(socket.SHUT_WR)
+                    assert c.recv(1) == b"w"
+                    assert c.recv(1) == b"", f"{mode}: no FIN after a natural end"
+                    c.shutdown(socket.SHUT_WR)
+                    assert b.recv(1) == b"", f"{mode}: the server got no FIN"
+
+    _both_modes(run)

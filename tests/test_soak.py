@@ -42,6 +42,7 @@ def test_soak_smoke(tmp_path):
     assert outcomes["ok"] > 0 and outcomes["cut"] > 0 and outcomes["refused"] > 0, outcomes
     assert outcomes["corrupted"] == 0, f"{outcomes}\n{bad}"
     assert outcomes["lost"] == 0, f"{outcomes}\n{bad}"
+    assert outcomes["killed_fin"] == 0, f"a killed worker's connection ended with a FIN: {outcomes}"
     assert outcomes["unexpected"] == 0, f"{outcomes}\n{bad}"
     # every check that decides the run (the refusal timing is reported only)
     failed = [f"{c['check']}: {c['detail']}" for c in sess["checks"]
