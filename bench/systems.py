@@ -307,7 +307,10 @@ class Ringd(System):
             "",
             "[ring]",
             f"sqpoll = {'true' if self.sqpoll else 'false'}",
-            f'pipe_size = "{opts.pipe_size}"',
+            # a --ringd-ring/--ring-a/--ring-b pipe_size replaces --pipe-size
+            *([f'pipe_size = "{opts.pipe_size}"']
+              if not any(x.split("=")[0].strip() == "pipe_size"
+                         for x in (*opts.ringd_ring, *self.ring)) else []),
             *opts.ringd_ring,
             *self.ring,
             "",
