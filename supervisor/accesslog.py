@@ -17,6 +17,7 @@ class AccessLog(Component):
         self.master = master
         self.log = log.get()
         self._task: asyncio.Task | None = None
+        self._wanted = asyncio.Event()    # set when a generation that logs is prepared
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -28,8 +29,21 @@ class AccessLog(Component):
 
     async def _run(self) -> None:
         while True:
+            # an idle master with no listener that logs sleeps here instead
+            # of waking five times a second for nothing
+            self._wanted.clear()
+            if not self._logging():
+                await self._wanted.wait()
             await asyncio.sleep(DRAIN_PERIOD)
             self.drain_all()
+
+    def _logging(self) -> bool:
+        return any(lst.access_log for gen in self.master.generations
+                   for lst in gen.config.listeners)
+
+    def prepare_generation(self, gen) -> None:
+        if any(lst.access_log for lst in gen.config.listeners):
+            self._wanted.set()
 
     def drain_all(self) -> None:
         for gen in list(self.master.generations):

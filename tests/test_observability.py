@@ -186,6 +186,25 @@ def test_access_log_matches_connections(tmp_path):
             assert len(resets) == 1 and resets[0]["bytes_in"] == 10
 
 
+def test_access_log_turned_on_by_a_reload_logs(tmp_path):
+    """Without a listener that logs, the master does not poll the access
+    log rings; a reload that turns access_log on must start it."""
+    bport, port = free_ports(2)
+    with Backend("echo", [bport]):
+        quiet = listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"])
+        with Ringd(tmp_path, quiet, workers=1) as r:
+            assert echo_roundtrip(port, b"before") == b"before"
+            r.write_config(listener("web", port, "app", access_log=True)
+                           + upstream("app", [f"127.0.0.1:{bport}"]))
+            r.signal(signal.SIGHUP)
+            r.wait_event("reload_ok")
+            assert echo_roundtrip(port, b"after!!") == b"after!!"
+            (ev,) = r.wait_event("access", timeout=5)
+            assert ev["bytes_in"] == 7 and ev["end"] == "done", ev
+            time.sleep(0.5)
+            assert len(r.events("access")) == 1, r.events("access")
+
+
 def test_json_logs_are_valid_json_lines(tmp_path):
     bport, port = free_ports(2)
     with Backend("echo", [bport]):
