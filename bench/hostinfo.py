@@ -190,3 +190,29 @@ def header_lines(h: dict) -> list[str]:
         if fine:
             L.append(f"  - Not affected: {', '.join(fine)}")
     return L
+
+
+BUSY = ("pytest", " gcc ", "cc1 ", "pip install")
+
+
+def busy_neighbours(more: tuple = (), unless: tuple = ()) -> list[str]:
+    """Other processes that load this machine and so skew timing figures
+    (test suites, builds; `more` adds command-line words, `unless` exempts)."""
+    me = os.getpid()
+    seen = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if any(w in cmd for w in BUSY + more) and not any(w in cmd for w in unless):
+            seen.append(f"{name}: {cmd[:100]}")
+    return seen
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])

@@ -257,26 +257,8 @@ def machine_info() -> dict:
     }
 
 
-def busy_neighbours() -> list[str]:
-    """Other processes that would skew a benchmark (test suites, builds)."""
-    me = os.getpid()
-    seen = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        if any(w in cmd for w in ("pytest", " gcc ", "cc1 ", "pip install")):
-            seen.append(f"{name}: {cmd[:100]}")
-    return seen
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+busy_neighbours = hostinfo.busy_neighbours
+loadavg = hostinfo.loadavg
 
 
 # --------------------------------------------------------------------------- scenarios

@@ -95,6 +95,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+import hostinfo                                         # noqa: E402
 import procstat                                         # noqa: E402
 from backend import (SOAK_ECHO, SOAK_HDR, SOAK_HELLO, SOAK_HELLO_LEN,  # noqa: E402
                      SOAK_MAGIC, SOAK_STREAM, SOAK_TRAILER_LEN, Stream)
@@ -230,26 +231,10 @@ def machine_info() -> dict:
 
 
 def busy_neighbours() -> list[str]:
-    """Other processes that load this machine (test suites, builds)."""
-    me = os.getpid()
-    seen = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        if any(w in cmd for w in ("pytest", " gcc ", "cc1 ", "pip install", "bench/run.py")):
-            if "soak" not in cmd:
-                seen.append(cmd[:90])
-    return seen
+    return hostinfo.busy_neighbours(more=("bench/run.py",), unless=("soak",))
 
 
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+loadavg = hostinfo.loadavg
 
 
 # --------------------------------------------------------------------------- /proc readers

@@ -240,10 +240,7 @@ def test_client_reset_under_a_blocked_send_reaches_the_server_as_a_reset(tmp_pat
 
     def run(mode, sqpoll, _):
         port = free_ports(1)[0]
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(8)
-        srv.settimeout(10)
+        srv = _server()
         # a small send buffer towards the client: its window shuts after a
         # few KiB and ringd's send of the reply stays in flight (copy mode:
         # the reply is below splice_threshold); the upload is spliced
@@ -287,6 +284,16 @@ def test_client_reset_under_a_blocked_send_reaches_the_server_as_a_reset(tmp_pat
     _both_modes(run)
 
 
+def _server() -> socket.socket:
+    """A plain listening socket on 127.0.0.1 standing in for the server,
+    so that the test sees exactly what ringd sends it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(10)
+    return srv
+
+
 def _send_quietly(sock: socket.socket, n: int) -> None:
     try:
         sock.sendall(b"d" * n)
@@ -313,10 +320,7 @@ def test_a_killed_worker_resets_its_connections_never_a_fin(tmp_path):
 
     def run(mode, sqpoll, _):
         port = free_ports(1)[0]
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(8)
-        srv.settimeout(10)
+        srv = _server()
         conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app")
                 + upstream("app", [f"127.0.0.1:{srv.getsockname()[1]}"]))
         with srv, Ringd(tmp_path / mode, conf, workers=1) as r:
