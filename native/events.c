@@ -26,16 +26,28 @@ void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32
 }
 
 /* A connection of listener li found no server in its upstream. */
+/* Clients closed for want of a server, held back by the rate limit, go
+ * out once it allows (from the next one, or from the tick). */
+static void no_server_flush(struct worker *w, uint32_t upstream)
+{
+    struct upstream_rt *u = &w->us[upstream];
+
+    if (u->no_server_pending && w->now_ms - u->no_server_last_ms >= EVENT_EVERY_MS) {
+        event_send(w, RINGD_EV_NO_SERVER, u->no_server_err, u->no_server_li, upstream,
+                   u->no_server_pending);
+        u->no_server_pending = 0;
+        u->no_server_last_ms = w->now_ms;
+    }
+}
+
 void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream)
 {
     struct upstream_rt *u = &w->us[upstream];
 
     u->no_server_pending++;
-    if (w->now_ms - u->no_server_last_ms >= EVENT_EVERY_MS) {
-        event_send(w, RINGD_EV_NO_SERVER, err, li, upstream, u->no_server_pending);
-        u->no_server_pending = 0;
-        u->no_server_last_ms = w->now_ms;
-    }
+    u->no_server_err = err;
+    u->no_server_li = li;
+    no_server_flush(w, upstream);
 }
 
 /* Connect failures held back by the rate limit go out once it allows. */
@@ -105,11 +117,18 @@ void events_tick(struct worker *w)
 {
     connect_fail_flush(w);
     proxy_bad_flush(w);
+    for (uint32_t u = 0; u < w->cfg->nupstreams; u++)
+        no_server_flush(w, u);
 }
 
 /* Rate-limited events held back that a tick must still send (worker.c
  * keeps ticking while there are). */
 bool events_pending(const struct worker *w)
 {
-    return w->cfail_pending || w->pbad_pending;
+    if (w->cfail_pending || w->pbad_pending)
+        return true;
+    for (uint32_t u = 0; u < w->cfg->nupstreams; u++)
+        if (w->us[u].no_server_pending)
+            return true;
+    return false;
 }

@@ -237,6 +237,8 @@ struct upstream_rt {
     uint32_t rr_next;       /* tie breaking */
     uint64_t no_server_pending;   /* events.c: the rate limited no-server event */
     uint64_t no_server_last_ms;
+    int32_t no_server_err;        /* ... what the held-back count is sent with */
+    uint32_t no_server_li;
 };
 
 struct ho_peer;         /* handover.c */
