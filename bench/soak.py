@@ -259,20 +259,24 @@ def tcp_table() -> dict[int, tuple[int, int, str]]:
     return table
 
 
-def socket_inodes(pid: int) -> list[int]:
-    out_ = []
+def fd_targets(pid: int) -> list[str] | None:
+    """What each open fd of a process is ("socket:[N]", "pipe:[N]", a path);
+    None if the process is gone."""
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return out_
+        return None
+    out_ = []
     for fd in names:
         try:
-            t = os.readlink(f"/proc/{pid}/fd/{fd}")
+            out_.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
-            continue
-        if t.startswith("socket:["):
-            out_.append(int(t[8:-1]))
+            continue        # closed meanwhile
     return out_
+
+
+def socket_inodes(pid: int) -> list[int]:
+    return [int(t[8:-1]) for t in fd_targets(pid) or [] if t.startswith("socket:[")]
 
 
 def client_ports_of(pids: list[int], listen_ports: set[int]) -> set[int]:
@@ -361,15 +365,10 @@ def proc_figures(pid: int, table: dict) -> dict | None:
     kinds = {"tcp_listen": 0, "tcp": 0, "unix_or_other_socket": 0, "pipe": 0, "anon": 0,
              "file": 0}
     pipes = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+    targets = fd_targets(pid)
+    if targets is None:
         return None
-    for fd in names:
-        try:
-            t = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
+    for t in targets:
         if t.startswith("socket:["):
             e = table.get(int(t[8:-1]))
             if e is None:
