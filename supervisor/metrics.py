@@ -26,6 +26,15 @@ LISTENER_COUNTERS = {
     "accept_pauses": ("ringd_accept_pauses", "Times accepting was paused (max_connections, fd or memory shortage)"),
     "retries": ("ringd_connect_retries", "Connects retried on another server"),
 }
+# per current worker, by field of its shared memory record
+WORKER_GAUGES = (
+    ("ringd_pipes_in_use", "pipes_in_use", "Pipes held by connections"),
+    ("ringd_worker_buffers_target", "bufs_target",
+     "Provided buffers the worker keeps posted for copied reads: grows under load, shrinks when "
+     "posted buffers go unused, back to its start at a trim"),
+    ("ringd_worker_buffers_high_water", "bufs_high_water",
+     "Most provided buffers posted or held at once since the worker started"),
+)
 SERVER_COUNTERS = {
     "connections": ("ringd_server_connections", "Connections established to the server"),
     "failures": ("ringd_server_failures", "Failed connects to the server"),
@@ -354,11 +363,19 @@ class RingdCollector:
             for w in m.active.live():
                 g.add_metric([str(w.slot)], m.active.shm.worker(w.slot).heartbeat)
         yield g
-        g = GaugeMetricFamily("ringd_pipes_in_use", "Pipes held by connections", labels=["worker"])
+        for name, field, text in WORKER_GAUGES:
+            g = GaugeMetricFamily(name, text, labels=["worker"])
+            if m.active:
+                for w in m.active.live():
+                    g.add_metric([str(w.slot)], getattr(m.active.shm.worker(w.slot), field))
+            yield g
+        c = CounterMetricFamily("ringd_worker_trims", "Times a current worker gave idle memory back "
+                                "(pools, connection table, buffers); starts at 0 with each worker",
+                                labels=["worker"])
         if m.active:
             for w in m.active.live():
-                g.add_metric([str(w.slot)], m.active.shm.worker(w.slot).pipes_in_use)
-        yield g
+                c.add_metric([str(w.slot)], m.active.shm.worker(w.slot).trims)
+        yield c
         dropped = self.totals.access_dropped
         for gen in m.generations:
             for slot in range(gen.shm.nworkers):

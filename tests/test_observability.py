@@ -186,6 +186,31 @@ def test_access_log_matches_connections(tmp_path):
             assert len(resets) == 1 and resets[0]["bytes_in"] == 10
 
 
+def test_worker_memory_metrics_follow_the_status(tmp_path):
+    """The buffer ring's target and high-water mark and the trim count of
+    each worker are metrics too (the same figures as `ringd status`), so a
+    worker whose memory does not come back shows on a dashboard."""
+    bport, port, aport = free_ports(3)
+    with Backend("echo", [bport]):
+        conf = (listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"])
+                + _admin(aport))
+        with Ringd(tmp_path, conf, workers=1) as r:
+            before = r.status()["workers"][0]
+            socks = [connect(port, timeout=10) for _ in range(60)]
+            for s in socks:
+                s.sendall(b"m" * 3000)
+            for s in socks:
+                assert recv_all(s, 3000) == b"m" * 3000
+                s.close()
+            w = wait_for(lambda: (x := r.status()["workers"][0])["trims"] > before["trims"]
+                         and x["active"] == 0 and x, 15, what="a trim after the burst")
+            m = scrape(aport)
+            lbl = frozenset({"worker": "0"}.items())
+            assert m[("ringd_worker_trims_total", lbl)] == w["trims"], m
+            assert m[("ringd_worker_buffers_target", lbl)] == w["bufs_target"]
+            assert m[("ringd_worker_buffers_high_water", lbl)] == w["bufs_high_water"] > 0
+
+
 def test_access_log_turned_on_by_a_reload_logs(tmp_path):
     """Without a listener that logs, the master does not poll the access
     log rings; a reload that turns access_log on must start it."""
