@@ -33,26 +33,34 @@ void ctrl_arm(struct worker *w)
     w->ctrl_armed = true;
 }
 
+/* The fds a received message brought (SCM_RIGHTS): the first `max` go into
+ * fds, their count is returned; any more are closed. */
+unsigned cmsg_take_fds(struct msghdr *mh, int *fds, unsigned max)
+{
+    unsigned n = 0;
+
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(mh); cm; cm = CMSG_NXTHDR(mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t cnt = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const int *in = (const int *)CMSG_DATA(cm);
+        for (size_t k = 0; k < cnt; k++) {
+            if (n < max)
+                fds[n++] = in[k];
+            else
+                close(in[k]);
+        }
+    }
+    return n;
+}
+
 /* The first fd the message brought (-1: none); any others are closed. */
 static int ctrl_take_fd(struct worker *w, int res)
 {
     int fd = -1;
 
-    if (res <= 0)
-        return -1;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&w->ctrl_msg); cm;
-         cm = CMSG_NXTHDR(&w->ctrl_msg, cm)) {
-        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        int *fds = (int *)CMSG_DATA(cm);
-        for (size_t k = 0; k < n; k++) {
-            if (fd < 0)
-                fd = fds[k];
-            else
-                close(fds[k]);
-        }
-    }
+    if (res > 0)
+        cmsg_take_fds(&w->ctrl_msg, &fd, 1);
     return fd;
 }
 

@@ -664,19 +664,7 @@ static void in_on_cqe(struct worker *w, uint32_t p)
             return;
         }
         int fds[HO_MAX_FDS];
-        unsigned nfds = 0;
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
-            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-                continue;
-            size_t cnt = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            const int *in = (const int *)CMSG_DATA(cm);
-            for (size_t k = 0; k < cnt; k++) {
-                if (nfds < HO_MAX_FDS)
-                    fds[nfds++] = in[k];
-                else
-                    close(in[k]);
-            }
-        }
+        unsigned nfds = cmsg_take_fds(&mh, fds, HO_MAX_FDS);
         struct conn *c = NULL;
         unsigned r;
         if (m.magic != HO_MAGIC)

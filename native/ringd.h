@@ -379,6 +379,8 @@ struct worker {
 /* control.c */
 enum { CTRL_NONE, CTRL_CMD, CTRL_GONE };
 void ctrl_arm(struct worker *w);
+struct msghdr;
+unsigned cmsg_take_fds(struct msghdr *mh, int *fds, unsigned max);   /* (handover.c too) */
 int ctrl_recv(struct worker *w, struct io_uring_cqe *cqe, struct ringd_cmd *cmd, int *err,
               int *fd);
 
