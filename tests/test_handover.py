@@ -195,6 +195,20 @@ class HalfClosedDownload(Flow):
         assert bytes(got[self.n:]) == hashlib.sha256(req).digest(), "client->server bytes differ"
 
 
+def _finish(name: str, flows, idle: IdleEchoes, stream: EchoStream,
+            stalled: StalledReader) -> None:
+    """Let every flow end (the idle connections talk again, the stream
+    stops, the stalled reader reads) and check each got all its bytes."""
+    idle.again.set()
+    stream.stop_ev.set()
+    stalled.resume.set()
+    for f in flows:
+        f.join(90)
+    errs = [f.error for f in flows if f.error]
+    assert not errs, f"{name}: {errs}"
+    assert all(f.done for f in flows), name
+
+
 def _recv_n(s: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
@@ -271,14 +285,7 @@ def test_connections_survive_reloads_in_copy_and_splice_mode(tmp_path):
                     stalled.resume.set()
                 errs = [f.error for f in flows if f.error]
                 assert not errs, f"{name}: {errs}"
-            idle.again.set()
-            stream.stop_ev.set()
-            stalled.resume.set()
-            for f in flows:
-                f.join(90)
-            errs = [f.error for f in flows if f.error]
-            assert not errs, f"{name}: {errs}"
-            assert all(f.done for f in flows), name
+            _finish(name, flows, idle, stream, stalled)
             assert stream.sent > 20 << 20, (name, stream.sent)
             assert not r.events("worker_closed_connections"), name
             assert not r.events("worker_kill"), name
@@ -567,14 +574,7 @@ def test_connections_survive_ringd_upgrade(tmp_path):
                 r.wait_event("drain_done", timeout=10, gen=old)
                 if k == 2:
                     stalled.resume.set()
-            idle.again.set()
-            stream.stop_ev.set()
-            stalled.resume.set()
-            for f in flows:
-                f.join(90)
-            errs = [f.error for f in flows if f.error]
-            assert not errs, f"{name}: {errs}"
-            assert all(f.done for f in flows), name
+            _finish(name, flows, idle, stream, stalled)
             assert len(r.events("upgrade_done")) == 2, name
             assert not r.events("worker_closed_connections"), name
             assert not r.events("handover_failed"), name
