@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 # A tight loop of getppid(2) through syscall(2) (glibc does not cache
@@ -146,6 +147,52 @@ def perf_caps() -> dict:
     return caps
 
 
+# kernel settings that move the bulk figures (where pages are freed, buffer sizes)
+SYSCTLS = ("net.core.skb_defer_max", "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem",
+           "net.core.rmem_max", "net.core.wmem_max", "fs.pipe-max-size")
+
+
+def sysctl_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def sysctl_get(key: str) -> str | None:
+    try:
+        with open(sysctl_path(key)) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return None
+
+
+def sysctl_set(settings: list[str]) -> dict:
+    """Apply KEY=VALUE settings; return {key: old value} for sysctl_restore.
+    Raises OSError (after putting back what it changed) if one cannot be set."""
+    old = {}
+    try:
+        for kv in settings:
+            key, value = kv.split("=", 1)
+            key = key.strip()
+            prev = sysctl_get(key)
+            if prev is None:
+                raise OSError(f"{key}: no such kernel setting ({sysctl_path(key)})")
+            with open(sysctl_path(key), "w") as f:
+                f.write(value.strip())
+            old[key] = prev
+    except OSError:
+        sysctl_restore(old)
+        raise
+    return old
+
+
+def sysctl_restore(old: dict) -> None:
+    for key, value in old.items():
+        try:
+            with open(sysctl_path(key), "w") as f:
+                f.write(value)
+        except OSError as e:
+            print(f"could not put back {key} = {value}: {e}", file=sys.stderr)
+
+
 def host(proxy_cpu: int | None) -> dict:
     """Everything the report header prints about the host."""
     ls = lscpu()
@@ -158,6 +205,7 @@ def host(proxy_cpu: int | None) -> dict:
         "vulnerabilities": vulnerabilities(),
         "syscall": syscall_cost(proxy_cpu),
         "perf": perf_caps(),
+        "sysctls": {k: sysctl_get(k) for k in SYSCTLS},
     }
 
 
@@ -179,6 +227,10 @@ def header_lines(h: dict) -> list[str]:
                     "**not supported** here (profiles sample the cpu-clock software event, "
                     "counts come from tracepoints and software events)")
                  + f"; tracefs {p.get('tracefs') or 'not mounted'}")
+    sc = h.get("sysctls")
+    if sc:
+        L.append("- kernel settings: " + "; ".join(f"`{k} = {v}`" for k, v in sc.items()
+                                                   if v is not None))
     vul = h.get("vulnerabilities", {})
     if vul:
         # every file's line; the many "Not affected" ones folded into one

@@ -80,6 +80,20 @@ def load_events() -> dict:
     return {"syscalls": "raw_syscalls:sys_enter", "cs": "context-switches"}
 
 
+# Where pages come from and go to, per CPU. On loopback the load's sender
+# writes every byte into pages it allocates; a proxy that forwards those pages
+# without copying them (splice) decides on which CPU they are freed, and a
+# CPU that frees fewer pages than it allocates refills its per-CPU page lists
+# from the buddy allocator under the zone lock, with pages no cache holds.
+PAGE_EVENTS = {"pg_alloc": "kmem:mm_page_alloc",
+               "pg_zone": "kmem:mm_page_alloc_zone_locked",
+               "pg_free": "kmem:mm_page_free"}
+
+
+def page_events() -> dict:
+    return {k: v for k, v in PAGE_EVENTS.items() if hostinfo.tracepoint(v)}
+
+
 def available() -> str | None:
     """None if the profile mode can run, else why not."""
     caps = hostinfo.perf_caps()

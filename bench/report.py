@@ -13,18 +13,21 @@ METRICS = [
     ("bulk1_cpu10g", "bulk, 1 stream: proxy CPU", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk1_core10g", "bulk, 1 stream: proxy's CPU incl. softirq", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk1_total10g", "bulk, 1 stream: total CPU of both CPUs (proxy + load)", "CPU-s / 10 Gbit", "lower", 3),
+    ("bulk1_load10g", "bulk, 1 stream: of which the load CPU (info)", "CPU-s / 10 Gbit", "info", 3),
     ("bulk1_proxybusy", "bulk, 1 stream: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
     ("bulk1_loadbusy", "bulk, 1 stream: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("bulk8_gbps", "bulk, 8 streams", "Gbit/s", "higher", 2),
     ("bulk8_cpu10g", "bulk, 8 streams: proxy CPU", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk8_core10g", "bulk, 8 streams: proxy's CPU incl. softirq", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk8_total10g", "bulk, 8 streams: total CPU of both CPUs (proxy + load)", "CPU-s / 10 Gbit", "lower", 3),
+    ("bulk8_load10g", "bulk, 8 streams: of which the load CPU (info)", "CPU-s / 10 Gbit", "info", 3),
     ("bulk8_proxybusy", "bulk, 8 streams: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
     ("bulk8_loadbusy", "bulk, 8 streams: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("bulk1r_gbps", "bulk download (iperf3 -R), 1 stream", "Gbit/s", "higher", 2),
     ("bulk1r_cpu10g", "bulk download, 1 stream: proxy CPU", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk1r_core10g", "bulk download, 1 stream: proxy's CPU incl. softirq", "CPU-s / 10 Gbit", "lower", 3),
     ("bulk1r_total10g", "bulk download, 1 stream: total CPU of both CPUs (proxy + load)", "CPU-s / 10 Gbit", "lower", 3),
+    ("bulk1r_load10g", "bulk download, 1 stream: of which the load CPU (info)", "CPU-s / 10 Gbit", "info", 3),
     ("bulk1r_proxybusy", "bulk download, 1 stream: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
     ("bulk1r_loadbusy", "bulk download, 1 stream: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("keepalive_rps", "keepalive 64 B", "req/s", "higher", 0),
@@ -33,6 +36,7 @@ METRICS = [
     ("keepalive_cpu100k", "keepalive: proxy CPU", "CPU-s / 100k req", "lower", 3),
     ("keepalive_core100k", "keepalive: proxy's CPU incl. softirq", "CPU-s / 100k req", "lower", 3),
     ("keepalive_total100k", "keepalive: total CPU of both CPUs (proxy + load)", "CPU-s / 100k req", "lower", 3),
+    ("keepalive_load100k", "keepalive: of which the load CPU (info)", "CPU-s / 100k req", "info", 3),
     ("keepalive_proxybusy", "keepalive: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
     ("keepalive_loadbusy", "keepalive: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("close_rps", "Connection: close", "conn/s", "higher", 0),
@@ -40,6 +44,7 @@ METRICS = [
     ("close_cpu100k", "Connection: close: proxy CPU", "CPU-s / 100k conn", "lower", 3),
     ("close_core100k", "Connection: close: proxy's CPU incl. softirq", "CPU-s / 100k conn", "lower", 3),
     ("close_total100k", "Connection: close: total CPU of both CPUs (proxy + load)", "CPU-s / 100k conn", "lower", 3),
+    ("close_load100k", "Connection: close: of which the load CPU (info)", "CPU-s / 100k conn", "info", 3),
     ("close_proxybusy", "Connection: close: proxy CPU busy (info)", "% of proxy CPUs", "info", 0),
     ("close_loadbusy", "Connection: close: load CPU busy (info)", "% of load CPUs", "info", 0),
     ("idlecpu_worker", "idle: CPU per worker, fresh start", "CPU-s per s", "lower", 4),
@@ -164,6 +169,9 @@ def markdown(meta, data, details, by_rep=None) -> str:
     L.append(f"- software: ringd {m['ringd']}, liburing {m['liburing']}; {m['haproxy']}; "
              f"{m['nginx']}; {m['iperf3']}; {m['wrk']}")
     L += hostinfo.header_lines(meta.get("host"))
+    if meta.get("host_sysctl"):
+        L.append("- **kernel settings changed for this run** (`--host-sysctl`, put back at its "
+                 "end): " + ", ".join(f"`{kv}`" for kv in meta["host_sysctl"]))
     L.append(f"- pinning: {meta['pinning']}")
     L.append(f"- every figure: median [min–max] of {meta['reps']} interleaved runs "
              f"(each repetition runs every system in turn); loads of {meta['duration_s']:g} s "
@@ -198,7 +206,7 @@ def markdown(meta, data, details, by_rep=None) -> str:
     L += goals14_section(data, labels, meta)
 
     present = [k for k, _ in RINGD if k in labels]
-    others = [o for o in ("haproxy", "nginx", "direct") if o in labels]
+    others = [o for o in ("haproxy", "nginx", "haproxy_splice", "direct") if o in labels]
     if present and others:
         L.append("## Ratios (ringd median / other median)")
         L.append("")
@@ -330,7 +338,11 @@ def markdown(meta, data, details, by_rep=None) -> str:
     hp = (f"tune.pipesize {meta['haproxy_pipesize']}" if meta["haproxy_pipesize"]
           else "tune.pipesize unset (kernel default, 64 KiB)")
     L.append(f"- HAProxy: `haproxy -db`, `nbthread {meta['workers']}`, `cpu-map`, `mode tcp`, "
-             f"`option splice-auto`, {hp}, maxpipes 64, maxconn = idle count + 10, `ulimit-n` = the hard limit, bind backlog 4096")
+             + "`option splice-auto`" + f", {hp}, maxpipes 64, maxconn = idle count + 10, `ulimit-n` = the hard limit, bind backlog 4096"
+             + ("; \"HAProxy splice\": the same with `option splice-request` and "
+                "`option splice-response` instead of `splice-auto` (every byte spliced, as ringd "
+                "does), not a peer in the goals" if "haproxy_splice" in dict(meta["systems"])
+                else ""))
     L.append(f"- nginx: `stream`, `worker_processes {meta['workers']}`, `worker_cpu_affinity`, "
              "`listen ... reuseport backlog=4096`, proxy buffers at defaults (16k)")
     rb = meta.get("client_rcvbuf")
@@ -359,7 +371,7 @@ def plot(meta, data, path):
     spec = {k: (label, unit, better) for k, label, unit, better, _ in METRICS}
     systems = meta["systems"]
     colors = {"direct": "#999999", "ringd_sqpoll": "#1f77b4", "ringd_nosqpoll": "#17becf",
-              "haproxy": "#d62728", "nginx": "#2ca02c"}
+              "haproxy": "#d62728", "nginx": "#2ca02c", "haproxy_splice": "#ff7f0e"}
     fig, axes = plt.subplots(2, 4, figsize=(17, 8))
     for ax, key in zip(axes.flat, panels):
         label, unit, better = spec[key]
@@ -592,6 +604,12 @@ PROFILE_ROWS = [
     ("p_ics", "of which involuntary, i.e. preempted (/proc status)", 3),
     ("p_load_sys", "load side: syscalls of client + backends", 2),
     ("p_load_cs", "load side: context switches of client + backends", 3),
+    ("p_load_pg_alloc", "load CPU: pages allocated (kmem:mm_page_alloc, any order)", 2),
+    ("p_load_pg_zone", "load CPU: of which refilled from the buddy allocator under the zone lock "
+     "(kmem:mm_page_alloc_zone_locked)", 2),
+    ("p_load_pg_free", "load CPU: pages freed (kmem:mm_page_free)", 2),
+    ("p_proxy_pg_alloc", "proxy CPU: pages allocated", 2),
+    ("p_proxy_pg_free", "proxy CPU: pages freed", 2),
     ("p_tcp_pct", "TCP/IP + socket layer share of the proxy's CPU (perf record, %)", 1),
     ("p_coverage", "check: perf task-clock / /proc CPU of the proxy in the counted pass (%)", 0),
 ]

@@ -68,9 +68,13 @@ def parse_args(argv=None):
     ap.add_argument("--haproxy-pipesize", type=int, default=0,
                     help="HAProxy tune.pipesize in bytes (default: unset, i.e. the "
                          "kernel's 64 KiB)")
+    ap.add_argument("--host-sysctl", action="append", default=[], metavar="KEY=VALUE",
+                    help="a kernel setting applied for the whole run and put back at its "
+                         "end (repeatable), e.g. net.core.skb_defer_max=0; the report names it")
     ap.add_argument("--systems",
-                    help="comma list out of direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx "
-                         "(default: all; in an A/B run: only the A/B variants)")
+                    help="comma list out of direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx,"
+                         "haproxy_splice (HAProxy splicing every byte) (default: all but "
+                         "haproxy_splice; in an A/B run: only the A/B variants)")
     ap.add_argument("--scenarios",
                     help=f"comma list out of {','.join(SCENARIOS)} (default: all; "
                          f"--profile: {','.join(PROFILE_SCENARIOS)})")
@@ -117,7 +121,8 @@ def parse_args(argv=None):
         a.systems = "" if a.ab else "direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx"
     a.systems = [s for s in a.systems.split(",") if s]
     for s in a.systems:
-        if s not in ("direct", "ringd_sqpoll", "ringd_nosqpoll", "haproxy", "nginx"):
+        if s not in ("direct", "ringd_sqpoll", "ringd_nosqpoll", "haproxy", "nginx",
+                     "haproxy_splice"):
             ap.error(f"unknown system {s!r}")
     if a.scenarios is None:
         a.scenarios = ",".join(PROFILE_SCENARIOS if a.profile else SCENARIOS)
@@ -129,6 +134,9 @@ def parse_args(argv=None):
     for m in a.ab_modes:
         if m not in ("nosqpoll", "sqpoll"):
             ap.error(f"unknown --ab-modes entry {m!r} (nosqpoll, sqpoll)")
+    for kv in a.host_sysctl:
+        if "=" not in kv or not kv.split("=", 1)[0].strip():
+            ap.error(f"--host-sysctl {kv!r}: want KEY=VALUE, e.g. net.core.skb_defer_max=0")
     if a.reps < 1 or a.workers < 1 or a.duration <= 0 or a.idle_seconds <= 0:
         ap.error("--reps, --workers, --duration and --idle-seconds must be positive")
     if a.ab:
@@ -353,6 +361,7 @@ class Runner:
         if core_s is not None and per:
             # both CPU sets: on loopback a proxy can move TCP work to the load CPU
             self.put(system, f"{scen}_total10g", (core_s + load_s) / per)
+            self.put(system, f"{scen}_load10g", load_s / per)
         self.put(system, f"{scen}_gbps", res["gbps"])
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
         if cpu and per:
@@ -376,6 +385,7 @@ class Runner:
             self.put(system, f"{scen}_core100k", core_s / per)
         if core_s is not None and per:
             self.put(system, f"{scen}_total100k", (core_s + load_s) / per)
+            self.put(system, f"{scen}_load100k", load_s / per)
         rec = {"system": system.key, "rep": rep, "scenario": scen, **res}
         self.put(system, f"{scen}_rps", res["rps"])
         self.put(system, f"{scen}_p50", res.get("p50_ms"))
@@ -409,6 +419,16 @@ class Runner:
             bc = perfprof.Counter(self.procs, self.tmp, f"perf-backends-{tag}", lev,
                                   pids=self.backends.pids())
             counters.append(bc)
+            # page flow per CPU side (whole CPUs: softirq and deferred frees
+            # run in whatever task is there)
+            pgev = perfprof.page_events()
+            pg = {}
+            if pgev and self.opts.separated:
+                for side, cpus in (("load", self.opts.load_cpus),
+                                   ("proxy", self.opts.proxy_cpus)):
+                    pg[side] = perfprof.Counter(self.procs, self.tmp, f"perf-pages-{side}-{tag}",
+                                                pgev, cpus=cpus)
+                    counters.append(pg[side])
             wrap, client_out = perfprof.stat_wrap(self.tmp, f"perf-client-{tag}", lev)
             for c in counters:
                 c.enable()
@@ -425,6 +445,7 @@ class Runner:
             back = bc.result()
             with open(client_out) as f:
                 client = perfprof.parse_stat_csv(f.read(), lev)
+            pages = {side: c.result() for side, c in pg.items()}
         finally:
             for c in counters:
                 c.finish()
@@ -437,9 +458,13 @@ class Runner:
         load_cs = (back.get("cs") or 0) + (client.get("cs") or 0)
         self.put(system, f"{scen}_p_load_sys", load_sys / units)
         self.put(system, f"{scen}_p_load_cs", load_cs / units)
+        for side, counts in pages.items():
+            for k, v in counts.items():
+                if v is not None:
+                    self.put(system, f"{scen}_p_{side}_{k}", v / units)
         rec = {"system": system.key, "rep": rep, "scenario": f"{scen} counted",
                "units": units, "load": res, "proxy": prox, "backends": back,
-               "client": client}
+               "client": client, "pages": pages}
         if system.proxy:
             # coverage check: perf's task-clock of the proxy's threads against
             # /proc's CPU time of its processes over the same load. Far below
@@ -758,39 +783,48 @@ def main(argv=None) -> int:
         print("no systems selected", file=sys.stderr)
         return 2
     neighbours = busy_neighbours()
-    info = machine_info()
-    # the syscall loop runs on the proxy's CPU, before any backend starts
-    host = hostinfo.host(opts.proxy_cpu_ids[0])
-    started = dt.datetime.now()
-    passes = 3 if opts.profile else 1
-    per_sys = (sum((opts.duration + 1.5) * passes if s in LOADS else
-                   (2 * opts.idle_seconds + 2 if s == "idlecpu" else opts.duration + 1.5)
-                   for s in opts.scenarios) + 4)
-    print(f"ringd benchmark: {len(systems)} systems x {opts.reps} reps, {opts.duration:g}s "
-          f"loads, {opts.idle_conns} idle conns; roughly "
-          f"{per_sys * len(systems) * opts.reps / 60:.1f} min", flush=True)
-    print(f"pinning: {opts.pin_note}", flush=True)
-    print(f"host: {host['cpu_model']}, kernel {host['kernel']}, syscall "
-          f"{host['syscall'].get('ns')} ns", flush=True)
-    if neighbours:
-        print("WARNING: other busy processes are running; figures will be noisy:\n  "
-              + "\n  ".join(neighbours[:5]), flush=True)
+    try:
+        sysctl_old = hostinfo.sysctl_set(opts.host_sysctl)
+    except OSError as e:
+        print(f"--host-sysctl: {e}", file=sys.stderr)
+        return 2
+    try:
+        info = machine_info()
+        # the syscall loop runs on the proxy's CPU, before any backend starts
+        host = hostinfo.host(opts.proxy_cpu_ids[0])
+        started = dt.datetime.now()
+        passes = 3 if opts.profile else 1
+        per_sys = (sum((opts.duration + 1.5) * passes if s in LOADS else
+                       (2 * opts.idle_seconds + 2 if s == "idlecpu" else opts.duration + 1.5)
+                       for s in opts.scenarios) + 4)
+        print(f"ringd benchmark: {len(systems)} systems x {opts.reps} reps, {opts.duration:g}s "
+              f"loads, {opts.idle_conns} idle conns; roughly "
+              f"{per_sys * len(systems) * opts.reps / 60:.1f} min", flush=True)
+        print(f"pinning: {opts.pin_note}", flush=True)
+        print(f"host: {host['cpu_model']}, kernel {host['kernel']}, syscall "
+              f"{host['syscall'].get('ns')} ns", flush=True)
+        if neighbours:
+            print("WARNING: other busy processes are running; figures will be noisy:\n  "
+                  + "\n  ".join(neighbours[:5]), flush=True)
 
-    tmp = tempfile.mkdtemp(prefix="ringd-bench-")
-    os.chmod(tmp, 0o755)        # nginx workers run as nobody and read www/ from here
-    perf_check = None
-    if opts.profile:
-        # the counters the profile relies on, on a workload of known counts
-        perf_check = perfprof.self_check(tmp)
-        print(f"perf counter check: {'exact' if perf_check.get('ok') else perf_check}",
-              flush=True)
-    procs = Procs(tmp)
-    backends = Backends(procs, tmp, opts.load_cpus)
-    runner = Runner(opts, procs, backends)
-    runner.tmp = tmp
-    runner.t_start = time.monotonic()
-    load_start = loadavg()
-    interrupted = False
+        tmp = tempfile.mkdtemp(prefix="ringd-bench-")
+        os.chmod(tmp, 0o755)        # nginx workers run as nobody and read www/ from here
+        perf_check = None
+        if opts.profile:
+            # the counters the profile relies on, on a workload of known counts
+            perf_check = perfprof.self_check(tmp)
+            print(f"perf counter check: {'exact' if perf_check.get('ok') else perf_check}",
+                  flush=True)
+        procs = Procs(tmp)
+        backends = Backends(procs, tmp, opts.load_cpus)
+        runner = Runner(opts, procs, backends)
+        runner.tmp = tmp
+        runner.t_start = time.monotonic()
+        load_start = loadavg()
+        interrupted = False
+    except BaseException:
+        hostinfo.sysctl_restore(sysctl_old)
+        raise
     try:
         backends.start()
         for rep in range(1, opts.reps + 1):
@@ -818,6 +852,7 @@ def main(argv=None) -> int:
             s.stop(procs)
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+        hostinfo.sysctl_restore(sysctl_old)
     if interrupted:
         return 130
     elapsed = time.monotonic() - runner.t_start
@@ -836,6 +871,7 @@ def main(argv=None) -> int:
         "idle_note": opts.idle_note,
         "pipe_size": opts.pipe_size,
         "haproxy_pipesize": opts.haproxy_pipesize,
+        "host_sysctl": opts.host_sysctl,
         "client_rcvbuf": opts.client_rcvbuf,
         "ringd_ring": opts.ringd_ring,
         "loadavg_start": load_start,

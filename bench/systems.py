@@ -380,8 +380,14 @@ class Ringd(System):
 
 
 class HAProxy(System):
-    def __init__(self, index: int):
-        super().__init__("haproxy", "HAProxy", index)
+    """HAProxy as its documentation suggests (`option splice-auto`: splice
+    while data waits in the socket, copy the rest), or, as `haproxy_splice`,
+    splicing every byte as ringd does (`option splice-request/-response`)."""
+
+    def __init__(self, index: int, splice_always: bool = False):
+        super().__init__("haproxy_splice" if splice_always else "haproxy",
+                         "HAProxy splice" if splice_always else "HAProxy", index)
+        self.splice_always = splice_always
 
     def conf_text(self, opts) -> str:
         n = opts.workers
@@ -406,7 +412,8 @@ class HAProxy(System):
             "",
             "defaults",
             "    mode tcp",
-            "    option splice-auto",
+            *(["    option splice-request", "    option splice-response"]
+              if self.splice_always else ["    option splice-auto"]),
             "    timeout connect 5s",
             "    timeout client 10m",
             "    timeout server 10m",
@@ -472,7 +479,10 @@ stream {{
 
 
 def all_systems() -> list[System]:
-    return [Direct(0), Ringd(1, sqpoll=True), Ringd(2, sqpoll=False), HAProxy(3), Nginx(4)]
+    """Every system; haproxy_splice (index 9, after the A/B variants' 5..8)
+    runs only when --systems names it."""
+    return [Direct(0), Ringd(1, sqpoll=True), Ringd(2, sqpoll=False), HAProxy(3), Nginx(4),
+            HAProxy(9, splice_always=True)]
 
 
 def ab_systems(a: dict, b: dict, modes: list[str]) -> list[System]:
