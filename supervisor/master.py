@@ -83,6 +83,7 @@ class Master:
         self.reloads_ok = 0
         self.reloads_rejected = 0
         self.worker_restarts = 0
+        self.source_table_no_column = 0   # worker processes started without a column
         self.started_at = time.time()     # the master (carried across ringd upgrade)
         self.exec_started = time.time()   # this image of it
         self.upgrades = Upgrades(self)
@@ -375,6 +376,7 @@ class Master:
             return None
         column = self.srclimit.assign()
         if column is None:
+            self.source_table_no_column += 1
             self.log.warning("source_table_no_column", worker=slot, gen=gen.number,
                              columns=self.srclimit.columns,
                              hint="per-source limits are not enforced by this worker; "

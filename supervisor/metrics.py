@@ -256,7 +256,7 @@ class RingdCollector:
 
         yield from self._servers()
         yield from self._process()
-        yield from source_table_metrics(m.srclimit)
+        yield from source_table_metrics(m.srclimit, m.source_table_no_column)
 
     def _servers(self):
         m = self.master
@@ -392,9 +392,10 @@ class RingdCollector:
         yield info
 
 
-def source_table_metrics(table):
+def source_table_metrics(table, no_column: int = 0):
     """The per-source limit table (ringd.srclimit): the header's counters
-    only, O(1) per scrape."""
+    only, O(1) per scrape; and the worker processes the master started
+    without a column of it."""
     if table is None:
         return
     h = table.header
@@ -413,6 +414,12 @@ def source_table_metrics(table):
     c = CounterMetricFamily("ringd_source_table_evictions",
                             "Idle sources replaced in the per-source limit table")
     c.add_metric([], h.evictions)
+    yield c
+    c = CounterMetricFamily("ringd_source_table_no_column",
+                            "Worker processes started without a column of the per-source limit "
+                            "table (all taken by processes alive at once): they admit every "
+                            "connection uncounted")
+    c.add_metric([], no_column)
     yield c
 
 

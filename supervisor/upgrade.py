@@ -442,6 +442,7 @@ def export_state(m) -> tuple[dict, list[int]]:
         "master": {"started_at": m.started_at, "next_gen": m.next_gen,
                    "reloads_ok": m.reloads_ok, "reloads_rejected": m.reloads_rejected,
                    "worker_restarts": m.worker_restarts,
+                   "source_table_no_column": m.source_table_no_column,
                    "active": m.active.number if m.active else None},
         "upgrades": m.upgrades.export(),
         # connection handover counters of retired generations (ringd.connmove)
@@ -604,6 +605,7 @@ class Resume:
         m.reloads_ok = int(mdoc.get("reloads_ok", 0))
         m.reloads_rejected = int(mdoc.get("reloads_rejected", 0))
         m.worker_restarts = int(mdoc.get("worker_restarts", 0))
+        m.source_table_no_column = int(mdoc.get("source_table_no_column", 0))
         m.upgrades.adopt(self.doc.get("upgrades", {}))
         m.connmove.adopt(self.doc.get("connmove", {}))
 

@@ -308,6 +308,51 @@ def _end_seen(s: socket.socket) -> str:
         return "reset"
 
 
+def _open_pairs(port: int, srv: socket.socket, mode: str) -> list:
+    """Three connections through ringd to srv, each (kind, client, server):
+    one mid-download (the server has sent more than the sockets and pipes
+    hold), one idle, one half-closed by its client (its FIN forwarded)."""
+    pairs = []
+    for kind in ("download", "idle", "halfclosed"):
+        c = connect(port, timeout=10)
+        c.sendall(b"x")
+        b, _ = srv.accept()
+        b.settimeout(10)
+        assert b.recv(1) == b"x"
+        if kind == "download":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            b.setblocking(False)
+            try:
+                while True:
+                    b.send(b"d" * 65536)
+            except BlockingIOError:
+                pass
+            b.settimeout(10)
+        elif kind == "halfclosed":
+            c.shutdown(socket.SHUT_WR)
+            assert b.recv(1) == b"", f"{mode}: the client's FIN was not forwarded"
+        pairs.append((kind, c, b))
+    return pairs
+
+
+# what both peers of _open_pairs' connections must see when ringd cuts them
+CUT = {"download": ("reset", "reset"), "idle": ("reset", "reset"), "halfclosed": ("reset", "-")}
+
+
+def _ends(pairs) -> dict:
+    """How each connection of _open_pairs ended, per peer (client, server);
+    closes them. The download's bytes already on their way are read first."""
+    seen = {}
+    for kind, c, b in pairs:
+        with c, b:
+            c.settimeout(10)
+            end = "data"
+            while end == "data":
+                end = _end_seen(c)
+            seen[kind] = (end, _end_seen(b) if kind != "halfclosed" else "-")
+    return seen
+
+
 def test_a_killed_worker_resets_its_connections_never_a_fin(tmp_path):
     """A worker that dies (SIGKILL here; the watchdog's kill or a crash are
     the same) closes nothing itself: the kernel closes its sockets, and
@@ -324,38 +369,11 @@ def test_a_killed_worker_resets_its_connections_never_a_fin(tmp_path):
         conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app")
                 + upstream("app", [f"127.0.0.1:{srv.getsockname()[1]}"]))
         with srv, Ringd(tmp_path / mode, conf, workers=1) as r:
-            pairs = []
-            for kind in ("download", "idle", "halfclosed"):
-                c = connect(port, timeout=10)
-                c.sendall(b"x")
-                b, _ = srv.accept()
-                b.settimeout(10)
-                assert b.recv(1) == b"x"
-                if kind == "download":      # more than the sockets and pipes hold
-                    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                    b.setblocking(False)
-                    try:
-                        while True:
-                            b.send(b"d" * 65536)
-                    except BlockingIOError:
-                        pass
-                    b.settimeout(10)
-                elif kind == "halfclosed":
-                    c.shutdown(socket.SHUT_WR)
-                    assert b.recv(1) == b"", f"{mode}: the client's FIN was not forwarded"
-                pairs.append((kind, c, b))
+            pairs = _open_pairs(port, srv, mode)
             victim = r.status()["workers"][0]["pid"]
             os.kill(victim, signal.SIGKILL)
-            seen = {}
-            for kind, c, b in pairs:
-                with c, b:
-                    c.settimeout(10)
-                    end = "data"
-                    while end == "data":        # the download's bytes already on their way
-                        end = _end_seen(c)
-                    seen[kind] = (end, _end_seen(b) if kind != "halfclosed" else "-")
-            assert seen == {"download": ("reset", "reset"), "idle": ("reset", "reset"),
-                            "halfclosed": ("reset", "-")}, f"{mode}: {seen}"
+            seen = _ends(pairs)
+            assert seen == CUT, f"{mode}: {seen}"
             wait_for(lambda: (lambda w: w["pid"] not in (None, victim) and w["state"] == "ready")(
                 r.status()["workers"][0]), 10, what="worker replaced")
             with connect(port, timeout=10) as c:
@@ -372,3 +390,48 @@ def test_a_killed_worker_resets_its_connections_never_a_fin(tmp_path):
                     assert b.recv(1) == b"", f"{mode}: the server got no FIN"
 
     _both_modes(run)
+
+
+def test_a_fast_stop_and_a_drain_cut_short_reset_connections(tmp_path):
+    """The other two ways ringd ends connections it did not see finish:
+    `ringd stop --now`, and a generation cut short because more generations
+    drain than max_draining_generations allows. Both peers of a download, an
+    idle and a half-closed connection must see a reset, never a FIN."""
+
+    def run(mode, sqpoll, variant):
+        port = free_ports(1)[0]
+        srv = _server()
+        conf = (f"[ring]\nsqpoll = {sqpoll}\n" + listener("web", port, "app")
+                + upstream("app", [f"127.0.0.1:{srv.getsockname()[1]}"]))
+        # connections must stay in their generation: no handover
+        extra = ('drain_timeout = "60s"\nmax_draining_generations = 1\nhandover = false\n')
+        with srv, Ringd(tmp_path / mode, conf, workers=1, extra_ringd=extra) as r:
+            pairs = _open_pairs(port, srv, mode)
+            if variant == "stop-now":
+                res = r.cli("stop", "--now", "-c", str(r.conf))
+                assert res.returncode == 0, res.stderr
+                seen = _ends(pairs)
+                assert seen == CUT, f"{mode}: {seen}"
+                assert r.wait_exit(15) == 0
+                return
+            # generation 1 drains with the three; generation 2 gets one of its
+            # own, and the reload after that makes two draining generations
+            assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+            wait_for(lambda: r.status()["generation"] == 2, 10, what="generation 2")
+            keep = connect(port, timeout=10)
+            keep.sendall(b"k")
+            kb, _ = srv.accept()
+            with keep, kb:
+                kb.settimeout(10)
+                assert kb.recv(1) == b"k"
+                assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+                r.wait_event("drain_cut_short", timeout=10, gen=1)
+                seen = _ends(pairs)
+                assert seen == CUT, f"{mode}: {seen}"
+                # generation 2's connection still forwards
+                kb.sendall(b"w")
+                keep.settimeout(10)
+                assert keep.recv(1) == b"w"
+            r.assert_no_traceback()
+
+    _both_modes(run, variants=("stop-now", "cut-short"))

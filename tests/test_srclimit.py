@@ -694,3 +694,44 @@ def test_worker_cfg_carries_the_table(tmp_path):
         assert wc.srclimit == ffi.NULL       # a header that does not check out: no table
     finally:
         t.close()
+
+
+def test_a_worker_started_with_every_column_taken_runs_uncounted(tmp_path):
+    """More worker processes alive at once than the table has columns (here:
+    generations kept draining by a connection each, no handover): the one
+    that finds none still serves, admitting every connection uncounted, and
+    the master says so in its log, in the metrics and in the status."""
+    from harness import Backend, Ringd, connect, free_ports, listener, upstream, wait_for
+    from test_observability import scrape
+    bport, port, aport = free_ports(3)
+    conf = (listener("web", port, "app") + upstream("app", [f"127.0.0.1:{bport}"]) +
+            f'\n[admin]\nlisten = "127.0.0.1:{aport}"\n')
+    extra = 'drain_timeout = "60s"\nmax_draining_generations = 64\nhandover = false\n'
+    held = []
+    with Backend("echo", [bport]), Ringd(tmp_path, conf, workers=1, extra_ringd=extra) as r:
+        try:
+            columns = r.status()["source_table"]["columns"]
+            assert scrape(aport)[("ringd_source_table_no_column_total", frozenset())] == 0
+            for _ in range(columns + 4):
+                s = connect(port, timeout=10)
+                s.sendall(b"h")
+                assert s.recv(1) == b"h"
+                held.append(s)
+                assert r.cli("reload", "-c", str(r.conf)).returncode == 0
+                if r.events("source_table_no_column"):
+                    break
+            ev = r.wait_event("source_table_no_column", timeout=10)[0]
+            assert ev["columns"] == columns
+            st = r.status()
+            assert st["source_table"]["columns_in_use"] == columns
+            assert [w["source_column"] for w in st["workers"]
+                    if w["generation"] == st["generation"]] == [None]
+            # the worker without a column serves
+            with connect(port, timeout=10) as s:
+                s.sendall(b"u")
+                assert s.recv(1) == b"u"
+            assert scrape(aport)[("ringd_source_table_no_column_total", frozenset())] == 1
+            r.assert_no_traceback()
+        finally:
+            for s in held:
+                s.close()
