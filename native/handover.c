@@ -388,13 +388,18 @@ void handover_dropped(struct worker *w, struct conn *c, bool was_handed)
 {
     if (c->state == CS_ADOPTED) {
         /* the new side, our answer not out yet: it becomes a refusal, so
-         * the old worker keeps the connection */
+         * the old worker keeps the connection, and its place in the
+         * per-source limits goes back to the old worker's column, which the
+         * old worker releases from when the connection ends */
         for (uint32_t p = 0; p < w->ho_nin; p++) {
             if (w->ho_in[p].conn == conn_slot(w, c)) {
                 w->ho_in[p].conn = UINT32_MAX;
                 w->ho_in[p].ack.result = 1 + RINGD_HO_PEER;
             }
         }
+        if (c->src_ref != SRCLIMIT_REF_NONE && w->cfg->srclimit)
+            srclimit_move(w->cfg->srclimit, w->cfg->srclimit_column, c->src_from, c->src_ref);
+        c->src_ref = SRCLIMIT_REF_NONE;
     }
     if (c->state == CS_MOVING || c->state == CS_HANDED)
         w->ho_pending--;
@@ -577,6 +582,7 @@ static unsigned adopt(struct worker *w, const struct ho_msg *m, size_t len, cons
     if (m->src_ref != SRCLIMIT_REF_NONE && w->cfg->srclimit) {
         srclimit_move(w->cfg->srclimit, m->src_column, w->cfg->srclimit_column, m->src_ref);
         c->src_ref = m->src_ref;
+        c->src_from = m->src_column;
     }
     w->active++;
     w->ls[li].active++;

@@ -194,6 +194,7 @@ struct conn {
     uint8_t pre_step;       /* enum pre_step */
     struct prelude *pre;    /* the client's first bytes, held for the server; NULL: none */
     uint32_t src_ref;       /* per-source limit table ref; SRCLIMIT_REF_NONE: none */
+    uint32_t src_from;      /* adopted, answer not out: the old worker's column */
 };
 
 /* preconnect.c: bytes read from the client before connecting (a PROXY
