@@ -149,11 +149,18 @@ def perf_caps() -> dict:
 
 # kernel settings that move the bulk figures (where pages are freed, buffer sizes)
 SYSCTLS = ("net.core.skb_defer_max", "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem",
-           "net.core.rmem_max", "net.core.wmem_max", "fs.pipe-max-size")
+           "net.core.rmem_max", "net.core.wmem_max", "fs.pipe-max-size",
+           # in a VM: how long an idle vCPU polls before it halts (0: at once,
+           # and every wake-up of it costs the waker an IPI)
+           "/sys/module/haltpoll/parameters/guest_halt_poll_ns",
+           "/sys/devices/system/cpu/cpuidle/current_driver")
 
 
 def sysctl_path(key: str) -> str:
-    return "/proc/sys/" + key.replace(".", "/")
+    """/proc/sys/... for a dotted sysctl name; an absolute path (a module
+    parameter under /sys, e.g. /sys/module/haltpoll/parameters/guest_halt_poll_ns)
+    as it is."""
+    return key if key.startswith("/") else "/proc/sys/" + key.replace(".", "/")
 
 
 def sysctl_get(key: str) -> str | None:
@@ -191,6 +198,26 @@ def sysctl_restore(old: dict) -> None:
                 f.write(value)
         except OSError as e:
             print(f"could not put back {key} = {value}: {e}", file=sys.stderr)
+
+
+def wakeup_ipis(cpus) -> int | None:
+    """Function-call (CAL) plus reschedule (RES) interrupts received so far
+    by the given CPUs, from /proc/interrupts; None where it has no such rows."""
+    total, seen = 0, False
+    try:
+        with open("/proc/interrupts") as f:
+            head = f.readline().split()          # CPU0 CPU1 ...
+            cols = {int(h[3:]): i for i, h in enumerate(head) if h.startswith("CPU")}
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in ("CAL:", "RES:"):
+                    seen = True
+                    for c in cpus:
+                        if c in cols and cols[c] + 1 < len(parts):
+                            total += int(parts[cols[c] + 1])
+    except (OSError, ValueError):
+        return None
+    return total if seen else None
 
 
 def host(proxy_cpu: int | None) -> dict:

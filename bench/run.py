@@ -70,7 +70,9 @@ def parse_args(argv=None):
                          "kernel's 64 KiB)")
     ap.add_argument("--host-sysctl", action="append", default=[], metavar="KEY=VALUE",
                     help="a kernel setting applied for the whole run and put back at its "
-                         "end (repeatable), e.g. net.core.skb_defer_max=0; the report names it")
+                         "end (repeatable): a sysctl name (net.core.skb_defer_max=0) or an "
+                         "absolute path under /sys (/sys/module/haltpoll/parameters/"
+                         "guest_halt_poll_ns=200000); the report names it")
     ap.add_argument("--systems",
                     help="comma list out of direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx,"
                          "haproxy_splice (HAProxy splicing every byte) (default: all but "
@@ -309,8 +311,18 @@ class Runner:
         return busy / tick
 
     def busy_start(self):
-        """Start of a load: wall clock and busy seconds of both CPU sets."""
+        """Start of a load: wall clock and busy seconds of both CPU sets, and
+        the wake-up IPIs the proxy's CPUs have received."""
+        self.ipis0 = hostinfo.wakeup_ipis(self.opts.proxy_cpu_ids)
         return (time.monotonic(), self.core_busy(), self.core_busy(self.opts.load_cpu_ids))
+
+    def put_ipis(self, system, scen, units: float) -> None:
+        """Wake-up IPIs (function-call and reschedule interrupts) the proxy's
+        CPUs received during the load, per unit: in a VM whose idle vCPUs halt,
+        each one costs the CPU that sent it (the load's) an exit."""
+        now = hostinfo.wakeup_ipis(self.opts.proxy_cpu_ids)
+        if self.ipis0 is not None and now is not None and units:
+            self.put(system, f"{scen}_ipis", (now - self.ipis0) / units)
 
     def busy_end(self, system, scen, start):
         """How busy the proxy's CPUs and the load's CPUs were during the load
@@ -381,6 +393,7 @@ class Runner:
         core_s, load_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
         per = res["requests"] / 1e5
+        self.put_ipis(system, scen, res["requests"])
         if system.proxy and core_s is not None and per:
             self.put(system, f"{scen}_core100k", core_s / per)
         if core_s is not None and per:
