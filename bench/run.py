@@ -120,11 +120,12 @@ def parse_args(argv=None):
     a.idle_seconds = a.idle_seconds or (2.0 if a.quick else 3.0)
     a.out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     if a.systems is None:
-        a.systems = "" if a.ab else "direct,ringd_sqpoll,ringd_nosqpoll,haproxy,nginx"
+        a.systems = "" if a.ab else ",".join(s.key for s in all_systems()
+                                             if s.key != "haproxy_splice")
     a.systems = [s for s in a.systems.split(",") if s]
+    known = [s.key for s in all_systems()]
     for s in a.systems:
-        if s not in ("direct", "ringd_sqpoll", "ringd_nosqpoll", "haproxy", "nginx",
-                     "haproxy_splice"):
+        if s not in known:
             ap.error(f"unknown system {s!r}")
     if a.scenarios is None:
         a.scenarios = ",".join(PROFILE_SCENARIOS if a.profile else SCENARIOS)
@@ -313,16 +314,16 @@ class Runner:
     def busy_start(self):
         """Start of a load: wall clock and busy seconds of both CPU sets, and
         the wake-up IPIs the proxy's CPUs have received."""
-        self.ipis0 = hostinfo.wakeup_ipis(self.opts.proxy_cpu_ids)
-        return (time.monotonic(), self.core_busy(), self.core_busy(self.opts.load_cpu_ids))
+        return (time.monotonic(), self.core_busy(), self.core_busy(self.opts.load_cpu_ids),
+                hostinfo.wakeup_ipis(self.opts.proxy_cpu_ids))
 
-    def put_ipis(self, system, scen, units: float) -> None:
+    def put_ipis(self, system, scen, start, units: float) -> None:
         """Wake-up IPIs (function-call and reschedule interrupts) the proxy's
-        CPUs received during the load, per unit: in a VM whose idle vCPUs halt,
-        each one costs the CPU that sent it (the load's) an exit."""
+        CPUs received since busy_start, per unit: in a VM whose idle vCPUs
+        halt, each one costs the CPU that sent it (the load's) an exit."""
         now = hostinfo.wakeup_ipis(self.opts.proxy_cpu_ids)
-        if self.ipis0 is not None and now is not None and units:
-            self.put(system, f"{scen}_ipis", (now - self.ipis0) / units)
+        if start[3] is not None and now is not None and units:
+            self.put(system, f"{scen}_ipis", (now - start[3]) / units)
 
     def busy_end(self, system, scen, start):
         """How busy the proxy's CPUs and the load's CPUs were during the load
@@ -330,7 +331,7 @@ class Runner:
         100 % while the proxy's CPU idles means the figure is the load's.
         Returns the busy seconds of the proxy's CPUs and of the load's CPUs
         (None, None if they are not separated)."""
-        t0, p0, l0 = start
+        t0, p0, l0, _ = start
         if p0 is None:
             return None, None
         wall = time.monotonic() - t0
@@ -393,7 +394,7 @@ class Runner:
         core_s, load_s = self.busy_end(system, scen, busy)
         cpu = self.cpu_after(system, before)
         per = res["requests"] / 1e5
-        self.put_ipis(system, scen, res["requests"])
+        self.put_ipis(system, scen, busy, res["requests"])
         if system.proxy and core_s is not None and per:
             self.put(system, f"{scen}_core100k", core_s / per)
         if core_s is not None and per:

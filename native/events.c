@@ -25,7 +25,6 @@ void event_send(struct worker *w, uint32_t type, int32_t err, uint32_t a, uint32
     (void)send(w->ctrl_fd, &ev, sizeof(ev), MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-/* A connection of listener li found no server in its upstream. */
 /* Clients closed for want of a server, held back by the rate limit, go
  * out once it allows (from the next one, or from the tick). */
 static void no_server_flush(struct worker *w, uint32_t upstream)
@@ -40,6 +39,7 @@ static void no_server_flush(struct worker *w, uint32_t upstream)
     }
 }
 
+/* A connection of listener li found no server in its upstream. */
 void event_no_server(struct worker *w, int err, uint32_t li, uint32_t upstream)
 {
     struct upstream_rt *u = &w->us[upstream];

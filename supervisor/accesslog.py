@@ -37,12 +37,15 @@ class AccessLog(Component):
             await asyncio.sleep(DRAIN_PERIOD)
             self.drain_all()
 
+    @staticmethod
+    def _logs(gen) -> bool:
+        return any(lst.access_log for lst in gen.config.listeners)
+
     def _logging(self) -> bool:
-        return any(lst.access_log for gen in self.master.generations
-                   for lst in gen.config.listeners)
+        return any(self._logs(gen) for gen in self.master.generations)
 
     def prepare_generation(self, gen) -> None:
-        if any(lst.access_log for lst in gen.config.listeners):
+        if self._logs(gen):
             self._wanted.set()
 
     def drain_all(self) -> None:

@@ -723,9 +723,9 @@ def test_a_worker_killed_mid_handover_leaves_every_connection_whole_or_reset(tmp
                          for _ in range(n)]
                 try:
                     assert _probe_all(conns, 0) == ["ok"] * n, name
-                    gen = r.status()["generation"]
-                    old_pid = next(w["pid"] for w in r.status()["workers"]
-                                   if w["generation"] == gen)
+                    st = r.status()
+                    old_pid = next(w["pid"] for w in st["workers"]
+                                   if w["generation"] == st["generation"])
                     _reload(r)
                     if victim == "new":
                         st = r.status()
